@@ -1,0 +1,1 @@
+"""simple-diffusion: the library behind the DVC stages."""

