@@ -1,0 +1,168 @@
+"""Reverse-process samplers for a :class:`~pipeline.noise_scheduler.NoiseScheduler`: DDPM and DDIM.
+
+Both walk a descending list of S timesteps (:func:`timesteps`) from pure noise to data. At each
+step the model output is turned into a predicted clean image x0_hat (clipped to [-1, 1] when
+asked), and x moves from the level abar_t to abar_prev, the level of the next timestep in the
+list (1 after the last one), by an update of the same form for both samplers:
+
+    x_prev = coef_x0 * x0_hat + coef_xt * x_t + sigma * z,    z ~ N(0, I).
+
+DDPM (Ho et al. 2020, Algorithm 2): the mean and variance of the posterior q(x_prev | x_t, x0_hat)
+of the respaced chain, whose step has beta = 1 - abar_t / abar_prev (Nichol & Dhariwal 2021,
+sec. 4); with S = T this is the original chain.
+
+DDIM (Song et al. 2021, eq. 12, sigma from eq. 16 scaled by eta): the noise is re-derived from the
+(clipped) x0_hat, eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t), so that x0_hat and
+eps_hat are consistent, i.e. x_t = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_hat, and the update
+stays on the DDIM trajectory through x_t when clipping changes x0_hat. Substituting eps_hat into
+eq. 12 gives coef_xt = sqrt(1 - abar_prev - sigma^2) / sqrt(1 - abar_t) and
+coef_x0 = sqrt(abar_prev) - sqrt(abar_t) coef_xt. With eta = 1 this equals DDPM with "fixed_small".
+
+The step onto clean data (abar_prev = 1) returns x0_hat itself and adds no noise, so the final
+samples are the last x0_hat.
+
+References:
+    Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239.
+    Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502.
+    Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", arXiv:2102.09672.
+    Lin, Liu, Li, Yang 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+        arXiv:2305.08891 (sec. 3.3, Table 2: timestep spacings).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from pipeline.noise_scheduler import VARIANCE_TYPES, NoiseScheduler, check_choice, posterior_coefficients
+
+METHODS = ("ddpm", "ddim")
+SPACINGS = ("leading", "trailing", "linspace")
+
+# (coef_x0, coef_xt, sigma) of one update x_prev = coef_x0 * x0_hat + coef_xt * x_t + sigma * z.
+Update = tuple[float, float, float]
+
+
+def timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> list[int]:
+    """The descending timesteps a sampler visits: S = ``num_steps`` of the T = ``num_timesteps``.
+
+    ``spacing`` (Lin et al. 2023, Table 2):
+        "leading": (0, T//S, 2 T//S, ...) reversed, DDIM's uniform selection (appendix D.2); it may
+            start short of T-1 (at 980 for T = 1000, S = 50).
+        "trailing": round(T - i T/S) - 1 for i = 0..S-1; always starts at T-1.
+        "linspace": round(linspace(0, T-1, S)) reversed.
+    Rounding is half-to-even, like numpy's.
+    """
+    check_choice("timestep_spacing", spacing, SPACINGS)
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be an integer in [1, {num_timesteps}]; got {num_steps!r}")
+    if spacing == "leading":
+        stride = num_timesteps // num_steps
+        return [i * stride for i in reversed(range(num_steps))]
+    if spacing == "trailing":
+        return [round(num_timesteps - i * num_timesteps / num_steps) - 1 for i in range(num_steps)]
+    if num_steps == 1:  # linspace(0, T-1, 1) is [0]
+        return [0]
+    return [round(i * (num_timesteps - 1) / (num_steps - 1)) for i in reversed(range(num_steps))]
+
+
+def _ddpm_update(alpha_bar: float, alpha_bar_prev: float, variance_type: str) -> Update:
+    """Ancestral step: the posterior q(x_prev | x_t, x0_hat) between the two levels."""
+    coef_x0, coef_xt, variance = posterior_coefficients(alpha_bar, alpha_bar_prev, variance_type)
+    return coef_x0, coef_xt, math.sqrt(variance)
+
+
+def _ddim_update(alpha_bar: float, alpha_bar_prev: float, eta: float) -> Update:
+    """DDIM eq. 12 with eps re-derived from x0_hat (see the module docstring)."""
+    # Eq. 16: sigma is eta times the standard deviation of the DDPM posterior between the levels.
+    _, _, posterior_variance = posterior_coefficients(alpha_bar, alpha_bar_prev, "fixed_small")
+    sigma = eta * math.sqrt(posterior_variance)
+    # max(): near abar_prev = 1 with eta = 1 the difference is tiny and must not round below 0.
+    coef_xt = math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0) / (1 - alpha_bar))
+    coef_x0 = math.sqrt(alpha_bar_prev) - math.sqrt(alpha_bar) * coef_xt
+    return coef_x0, coef_xt, sigma
+
+
+def _updates(method: str, alpha_bars: list[float], eta: float, variance_type: str) -> list[Update]:
+    """One update per step, from alpha_bars[i] to alpha_bars[i + 1] (the last one being 1)."""
+    if method == "ddpm":
+        update = partial(_ddpm_update, variance_type=variance_type)
+    else:
+        update = partial(_ddim_update, eta=eta)
+    updates = [update(a, a_prev) for a, a_prev in zip(alpha_bars, alpha_bars[1:])]
+    # DDPM Algorithm 2 (z = 0 at t = 1): the step onto clean data adds no noise. Only "fixed_large"
+    # needs this; the other variances already vanish there.
+    coef_x0, coef_xt, _ = updates[-1]
+    updates[-1] = (coef_x0, coef_xt, 0.0)
+    return updates
+
+
+@torch.inference_mode()
+def sample(
+    model: Callable[[Tensor, Tensor], Tensor],
+    scheduler: NoiseScheduler,
+    shape: Sequence[int],
+    *,
+    method: str = "ddpm",
+    num_steps: int | None = None,
+    eta: float = 0.0,
+    timestep_spacing: str = "leading",
+    clip_sample: bool = True,
+    variance_type: str = "fixed_small",
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+    return_intermediates: bool = False,
+    progress: bool = False,
+) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """Draw samples of ``shape`` (batch first) by running the reverse process from pure noise.
+
+    Args:
+        model: ``model(x_t, t)`` with t a long tensor of shape [batch], returning the prediction of
+            ``scheduler.prediction_type``.
+        scheduler: the forward process the model was trained with.
+        shape: shape of the batch of samples, e.g. (n, channels, height, width).
+        method: "ddpm" (ancestral) or "ddim".
+        num_steps: number of model evaluations S, 1 <= S <= T; None means T.
+        eta: DDIM stochasticity in [0, 1]: 0 is deterministic, 1 is DDPM. Ignored by "ddpm".
+        timestep_spacing: which S timesteps to visit, see :func:`timesteps`.
+        clip_sample: clip x0_hat to [-1, 1] at every step (data are scaled to [-1, 1]).
+        variance_type: "fixed_small" or "fixed_large" reverse variance of "ddpm"; ignored by "ddim".
+        generator: source of all randomness, the initial noise included; it must live on ``device``.
+        device: where to sample.
+        return_intermediates: also return x0_hat of every step (S tensors of ``shape``), e.g. for
+            a figure of the denoising progression.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The samples, or (samples, list of x0_hat per step) with ``return_intermediates``.
+    """
+    check_choice("method", method, METHODS)
+    check_choice("variance_type", variance_type, VARIANCE_TYPES)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1]; got {eta!r}")
+    if num_steps is None:
+        num_steps = scheduler.num_timesteps
+    steps = timesteps(scheduler.num_timesteps, num_steps, timestep_spacing)
+    # Levels as Python floats: the per-step coefficients are then plain float arithmetic.
+    alpha_bars = scheduler.alpha_bar(torch.tensor(steps + [-1])).tolist()
+    updates = _updates(method, alpha_bars, eta, variance_type)
+
+    x = torch.randn(tuple(shape), generator=generator, device=device)
+    predictions = []
+    schedule = tqdm(zip(steps, updates), total=len(steps), desc=method, disable=not progress)
+    for t, (coef_x0, coef_xt, sigma) in schedule:
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
+        x0 = scheduler.predict_x0(model(x, t_batch), x, t)
+        if clip_sample:
+            x0 = x0.clamp(-1.0, 1.0)
+        x = coef_x0 * x0 + coef_xt * x
+        if sigma > 0:  # DDIM with eta = 0 draws nothing: its path depends on the initial noise only
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=device)
+        if return_intermediates:
+            predictions.append(x0)
+    return (x, predictions) if return_intermediates else x
