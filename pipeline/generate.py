@@ -1,0 +1,86 @@
+"""Generate images with a trained EMA model: batches of samples, PNG files and figures."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pipeline.config import SampleParams, from_dict
+from pipeline.data import grid_image, to_uint8
+from pipeline.io import save_image
+from pipeline.noise_scheduler import NoiseScheduler
+from pipeline.sampler import sample
+from pipeline.training import class_labels, default_device, model_fn
+from pipeline.unet import UNet, build_model
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    model: UNet
+    scheduler: NoiseScheduler
+    classes: tuple[str, ...]
+    run_id: str | None  # the MLflow run of its training
+    step: int
+
+
+def load_ema_model(path: Path, device: torch.device | None = None) -> TrainedModel:
+    """Rebuild the EMA model that pipeline.training saved, in eval mode, with its scheduler."""
+    saved: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    params = from_dict(saved["params"])
+    model = build_model(params)
+    model.load_state_dict(saved["weights"])
+    model.to(device or default_device()).eval()
+    scheduler = NoiseScheduler(**dataclasses.asdict(params.diffusion))
+    return TrainedModel(model, scheduler, tuple(saved["classes"]), saved["run_id"], saved["step"])
+
+
+def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = None,
+             return_intermediates: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """uint8 images [N, C, H, W] from the configured sampler, in batches, seeded by p.seed.
+
+    With return_intermediates, also the x0 predictions of every step of the first batch.
+    """
+    model = trained.model
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(p.seed)
+    num_images = num_images or p.num_images
+    images, intermediates = [], []
+    for start in range(0, num_images, p.batch_size):
+        n = min(p.batch_size, num_images - start)
+        labels = class_labels(model, n, len(trained.classes), generator, device)
+        out = sample(model_fn(model, labels), trained.scheduler,
+                     (n, model.in_channels, model.image_size, model.image_size),
+                     method=p.method, num_steps=p.num_steps, eta=p.eta,
+                     timestep_spacing=p.timestep_spacing, clip_sample=p.clip_sample,
+                     variance_type=p.variance_type, generator=generator, device=device,
+                     return_intermediates=return_intermediates and start == 0, progress=True)
+        if return_intermediates and start == 0:
+            out, intermediates = out
+        images.append(to_uint8(out.cpu()))
+    return torch.cat(images), [to_uint8(x.cpu()) for x in intermediates]
+
+
+def write_samples(images: torch.Tensor, folder: Path) -> None:
+    """Each image as its own PNG, folder/00000.png, ... (the folder is emptied first)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    width = max(5, len(str(len(images) - 1)))
+    for i, image in enumerate(images):
+        array = image.permute(1, 2, 0).numpy()
+        save_image(Image.fromarray(array[..., 0] if array.shape[2] == 1 else array),
+                   folder / f"{i:0{width}d}.png")
+
+
+def progression_image(intermediates: list[torch.Tensor], rows: int = 8, columns: int = 10
+                      ) -> Image.Image:
+    """Denoising progression: each row one sample, left to right its x0 prediction over steps."""
+    picks = torch.linspace(0, len(intermediates) - 1, min(columns, len(intermediates))).round()
+    steps = [intermediates[int(i)][:rows] for i in picks]
+    tiles = torch.stack(steps, dim=1).flatten(0, 1)  # row-major: sample, then step
+    return grid_image(tiles, columns=len(steps))

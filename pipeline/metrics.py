@@ -1,0 +1,149 @@
+"""Sample-quality metrics, all computed by torch-fidelity: FID and KID in two feature spaces.
+
+- Standard FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) with torch-fidelity's
+  Inception-v3 ("inception-v3-compat", the TF-FID network). Its weights download on first use,
+  or come from a local file (`evaluate.inception_weights`), or from torch's hub cache. Offline
+  and without a file, the metrics are skipped with instructions, never a failure.
+- The same two statistics in the feature space of the project's own classifier
+  (pipeline/classifier.py), registered as a torch-fidelity feature extractor. These need no
+  download, and the "floor" (real training images in place of samples, at the same count)
+  shows what a perfect model would score.
+- The class histogram of the samples under that classifier: how evenly they cover the classes.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from pipeline.classifier import load_classifier, predict
+
+CLASSIFIER_EXTRACTOR = "simple-diffusion-classifier"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+class Images(Dataset):
+    """uint8 images [N, C, H, W] as torch-fidelity reads them; grey becomes RGB for Inception."""
+
+    def __init__(self, images: torch.Tensor, rgb: bool = False) -> None:
+        self.images = images.expand(-1, 3, -1, -1) if rgb and images.shape[1] == 1 else images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+class ClassifierFeatures(torch_fidelity.FeatureExtractorBase):
+    """The classifier's penultimate layer as a torch-fidelity feature extractor.
+
+    torch-fidelity builds it by name with the keyword arguments of calculate_metrics: the
+    classifier file comes in as `feature_extractor_weights_path`.
+    """
+
+    def __init__(self, name: str, features_list: list[str],
+                 feature_extractor_weights_path: str | None = None, **kwargs) -> None:
+        super().__init__(name, features_list)
+        self.classifier = load_classifier(feature_extractor_weights_path)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("features",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return "features"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> None:
+        return None
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.classifier.features(images).double(),)
+
+
+if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor(CLASSIFIER_EXTRACTOR, ClassifierFeatures)
+
+
+def fid_kid(samples: torch.Tensor, reference: torch.Tensor, *, extractor: str,
+            weights: str | None, kid_subset_size: int, batch_size: int, seed: int,
+            reference_cache: str | None = None) -> dict[str, float]:
+    """Frechet distance and KID (mean, std over subsets) between two uint8 image sets."""
+    rgb = extractor != CLASSIFIER_EXTRACTOR
+    result = torch_fidelity.calculate_metrics(
+        input1=Images(samples, rgb), input2=Images(reference, rgb), fid=True, kid=True,
+        feature_extractor=extractor, feature_extractor_weights_path=weights,
+        kid_subset_size=min(kid_subset_size, len(samples), len(reference)),
+        batch_size=batch_size, cuda=torch.cuda.is_available(), rng_seed=seed,
+        cache=reference_cache is not None, input2_cache_name=reference_cache,
+        save_cpu_ram=True, verbose=False)  # save_cpu_ram: no DataLoader worker processes
+    return {"fd": result["frechet_inception_distance"],
+            "kid": result["kernel_inception_distance_mean"],
+            "kid_std": result["kernel_inception_distance_std"]}
+
+
+def inception_metrics(samples: torch.Tensor, reference: torch.Tensor, weights: str, **kwargs
+                      ) -> tuple[dict[str, float], str | None]:
+    """(FID/KID, None), or ({}, why they were skipped) when the Inception weights are missing."""
+    if weights and not Path(weights).is_file():
+        return {}, (f"evaluate.inception_weights = '{weights}': file not found. "
+                    f"{how_to_get_inception()}")
+    try:
+        values = fid_kid(samples, reference, extractor="inception-v3-compat",
+                         weights=weights or None, **kwargs)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+        return {}, f"the Inception-v3 weights could not be downloaded ({err}). " \
+                   f"{how_to_get_inception()}"
+    return {"fid": values["fd"], "kid": values["kid"], "kid_std": values["kid_std"]}, None
+
+
+def how_to_get_inception() -> str:
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return (f"To compute FID/KID offline, get {INCEPTION_FILE} (95,628,359 bytes, sha256 "
+            "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2, from the "
+            "torch-fidelity GitHub releases) and either set evaluate.inception_weights to its "
+            f"path or put it at {hub}; or run once with internet access")
+
+
+def class_metrics(predicted: torch.Tensor, reference_labels: torch.Tensor,
+                  classes: tuple[str, ...]) -> dict[str, float]:
+    """The samples' class shares against the reference set's.
+
+    class_tv_distance: total variation distance between the two class distributions (0 = same
+    shares, 1 = disjoint). class_coverage: fraction of classes that get at least half of their
+    reference share, i.e. are not (nearly) missing from the samples.
+    """
+    k = len(classes)
+    p = torch.bincount(predicted, minlength=k).double() / len(predicted)
+    q = torch.bincount(reference_labels, minlength=k).double() / len(reference_labels)
+    metrics = {"class_tv_distance": 0.5 * (p - q).abs().sum().item(),
+               "class_coverage": (p >= 0.5 * q).double().mean().item()}
+    metrics.update({f"class_share/{name}": p[i].item() for i, name in enumerate(classes)})
+    return metrics
+
+
+def domain_metrics(samples: torch.Tensor, train_images: torch.Tensor, reference_images: torch.Tensor,
+                   reference_labels: torch.Tensor, classes: tuple[str, ...], classifier_path: Path,
+                   kid_subset_size: int, batch_size: int, seed: int) -> dict[str, float]:
+    """Classifier-space FD/KID of the samples and of the floor, plus the class histogram."""
+    kwargs = dict(extractor=CLASSIFIER_EXTRACTOR, weights=str(classifier_path),
+                  kid_subset_size=kid_subset_size, batch_size=batch_size, seed=seed)
+    generated = fid_kid(samples, reference_images, **kwargs)
+    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))
+    floor = fid_kid(train_images[pick[:len(samples)]], reference_images, **kwargs)
+    predicted = predict(load_classifier(classifier_path), samples)
+    return {"classifier_fd": generated["fd"], "classifier_kid": generated["kid"],
+            "classifier_kid_std": generated["kid_std"],
+            "floor_classifier_fd": floor["fd"], "floor_classifier_kid": floor["kid"],
+            **class_metrics(predicted, reference_labels, classes)}

@@ -1,0 +1,270 @@
+"""The training loop: DDPM's simple loss with AdamW, warm-up, gradient clipping, EMA and resume.
+
+Each step draws a batch, a uniform timestep t and Gaussian noise per image, and regresses the
+model output on the scheduler's target (DDPM, Ho et al. 2020, Algorithm 1 and eq. 14, "L_simple";
+the target is the noise, x0 or v depending on the prediction type). AdamW (Loshchilov & Hutter
+2019) with a linear learning-rate warm-up then cosine decay; the global gradient norm is clipped;
+an EMA of the weights (pipeline/ema.py) is what gets sampled and saved. On a GPU, or a CPU with
+native bf16, the forward pass runs under bf16 autocast.
+
+A checkpoint (model, EMA, optimiser, random state, history) is written atomically every
+`train.checkpoint_every` steps; a run started again with the same params and data resumes from
+it, so an interrupted `dvc repro` loses at most that many steps. Metrics and sample grids go to
+a `Logger` (pipeline/tracking.py provides the MLflow one), so this module never touches MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.config import Params, TrainParams, to_dict
+from pipeline.data import ImageSet, grid_image, to_model_range, to_uint8
+from pipeline.ema import EMA
+from pipeline.io import atomic_path, save_torch
+from pipeline.noise_scheduler import NoiseScheduler
+from pipeline.sampler import sample
+from pipeline.unet import UNet, build_model
+
+# What a checkpoint is a checkpoint of (with the training images): resume only when they match.
+RUN_SECTIONS = ("model", "diffusion", "train")
+
+
+class Logger(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_image(self, image: Image.Image, key: str, step: int) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the model, EMA and optimiser weights."""
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per log interval
+    run_id: str | None = None  # the tracking run this training logs to
+    seconds: float = 0.0  # training time so far, across resumes
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast for precision "bf16", or for "auto" where the hardware runs bf16 natively."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def learning_rate(step: int, p: TrainParams) -> float:
+    """Linear warm-up to p.lr over p.warmup_steps, then cosine decay to 0 at p.steps."""
+    if step < p.warmup_steps:
+        return p.lr * (step + 1) / p.warmup_steps
+    progress = (step - p.warmup_steps) / max(1, p.steps - p.warmup_steps)
+    return p.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fingerprint(params: Params, data: ImageSet) -> str:
+    """Identity of a training run: its params sections and the exact training images."""
+    sections = to_dict(params)
+    digest = hashlib.sha256(repr([sections[s] for s in RUN_SECTIONS]).encode())
+    digest.update(data.images.numpy().tobytes())
+    digest.update(data.labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_fn(model: UNet, labels: torch.Tensor | None) -> Callable:
+    """The `model(x_t, t)` callable the sampler expects, with fixed class labels if any."""
+    return lambda x, t: model(x, t, labels)
+
+
+def sample_grid(model: UNet, scheduler: NoiseScheduler, p: TrainParams, classes: int,
+                device: torch.device) -> Image.Image:
+    """A grid of p.grid_images samples with fixed noise (the same every call): DDIM, 0 eta."""
+    generator = torch.Generator(device).manual_seed(p.seed)
+    labels = class_labels(model, p.grid_images, classes, generator, device)
+    model.eval()
+    x = sample(model_fn(model, labels), scheduler, (p.grid_images, model.in_channels,
+               model.image_size, model.image_size), method="ddim",
+               num_steps=min(p.grid_sampling_steps, scheduler.num_timesteps),
+               timestep_spacing="trailing", generator=generator, device=device)
+    model.train()
+    return grid_image(to_uint8(x.cpu()))
+
+
+def class_labels(model: UNet, n: int, classes: int, generator: torch.Generator,
+                 device: torch.device) -> torch.Tensor | None:
+    """Uniformly drawn class labels for a class-conditional model, None for an unconditional one."""
+    if model.num_classes == 0:
+        return None
+    return torch.randint(min(classes, model.num_classes), (n,), generator=generator, device=device)
+
+
+def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
+          run_id: str | None = None, device: torch.device | None = None) -> TrainState:
+    """Train on `data`, writing out_dir/{checkpoint.pt, ema.pt}; return the final state.
+
+    `run_id` names the tracking run that `logger` writes to; it is saved with the model so the
+    sample and evaluate stages can add to the same run (see `checkpoint_run_id`).
+    """
+    p = params.train
+    device = device or default_device()
+    torch.manual_seed(p.seed)
+    model = build_model(params).to(device)
+    scheduler = NoiseScheduler(**dataclasses.asdict(params.diffusion))
+    ema = EMA(model, decay=p.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    generator = torch.Generator(device).manual_seed(p.seed)
+    identity = fingerprint(params, data)
+    state = resume(out_dir / "checkpoint.pt", identity, model, ema, optimizer, generator)
+    state.run_id = run_id
+    bf16 = use_bf16(p.precision, device)
+    images = data.images.to(device)
+    labels = data.labels.to(device)
+
+    model.train()
+    window = Window()
+    while state.step < p.steps:
+        lr = learning_rate(state.step, p)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(len(images), (p.batch_size,), generator=generator, device=device)
+        batch_labels = labels[index] if model.num_classes else None
+        loss, grad_norm = train_step(model, scheduler, optimizer, to_model_range(images[index]),
+                                     batch_labels, generator, p.grad_clip, bf16)
+        ema.update(model)
+        state.step += 1
+        window.add(loss, grad_norm, p.batch_size)
+        if state.step % p.log_every == 0 or state.step == p.steps:
+            row = {"step": state.step, "lr": lr, **window.flush()}
+            state.history.append(row)
+            state.seconds += row["seconds"]
+            logger.log_metrics({k: v for k, v in row.items() if k != "step"}, state.step)
+        if state.step % p.sample_every == 0 or state.step == p.steps:
+            with ema.swapped_in(model):
+                image = sample_grid(model, scheduler, p, len(data.classes), device)
+            logger.log_image(image, "sample_grid", state.step)
+        if state.step % p.checkpoint_every == 0 or state.step == p.steps:
+            save_checkpoint(out_dir / "checkpoint.pt", identity, state, model, ema, optimizer,
+                            generator)
+    save_ema_model(out_dir / "ema.pt", params, model, ema, data.classes, state)
+    return state
+
+
+def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Optimizer,
+               x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
+               grad_clip: float, bf16: bool) -> tuple[float, float]:
+    """One optimiser step on L_simple; returns (loss, gradient norm before clipping)."""
+    t = torch.randint(scheduler.num_timesteps, (len(x0),), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    x_t = scheduler.add_noise(x0, noise, t)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
+        prediction = model(x_t, t, labels)
+    loss = F.mse_loss(prediction.float(), scheduler.get_target(x0, noise, t))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    return loss.item(), grad_norm.item()
+
+
+class Window:
+    """Running means of loss and gradient norm, and throughput, over one logging interval."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.losses, self.norms, self.images = time.perf_counter(), [], [], 0
+
+    def add(self, loss: float, grad_norm: float, images: int) -> None:
+        self.losses.append(loss)
+        self.norms.append(grad_norm)
+        self.images += images
+
+    def flush(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self.start
+        row = {"loss": sum(self.losses) / len(self.losses),
+               "grad_norm": sum(self.norms) / len(self.norms),
+               "images_per_s": self.images / seconds, "seconds": seconds}
+        self.reset()
+        return row
+
+
+def save_checkpoint(path: Path, identity: str, state: TrainState, model: UNet, ema: EMA,
+                    optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+    save_torch({"identity": identity, "state": dataclasses.asdict(state),
+                "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state()}, path)
+
+
+def checkpoint_run_id(path: Path, params: Params, data: ImageSet) -> str | None:
+    """The tracking run of the checkpoint that `train` would resume, or None for a fresh run."""
+    if not path.exists():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    return checkpoint["state"]["run_id"] if checkpoint["identity"] == fingerprint(params, data) \
+        else None
+
+
+def resume(path: Path, identity: str, model: UNet, ema: EMA, optimizer: torch.optim.Optimizer,
+           generator: torch.Generator) -> TrainState:
+    """Load the checkpoint at `path` if it belongs to this run (same identity), else start fresh."""
+    if not path.exists():
+        return TrainState()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint["identity"] != identity:
+        print(f"{path}: written for other params or data; starting a fresh run")
+        return TrainState()
+    model.load_state_dict(checkpoint["model"])
+    ema.load_state_dict(checkpoint["ema"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    generator.set_state(checkpoint["generator"])
+    torch.set_rng_state(checkpoint["torch_rng"])
+    state = TrainState(**checkpoint["state"])
+    print(f"{path}: resuming at step {state.step}")
+    return state
+
+
+def save_ema_model(path: Path, params: Params, model: UNet, ema: EMA, classes: tuple[str, ...],
+                   state: TrainState) -> None:
+    """The EMA weights with what is needed to rebuild and sample the model (see load_ema_model)."""
+    with ema.swapped_in(model):
+        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    sections = to_dict(params)
+    sections = {"preprocess": {k: sections["preprocess"][k] for k in ("image_size", "channels")},
+                "model": sections["model"], "diffusion": sections["diffusion"]}
+    save_torch({"weights": weights, "params": sections, "classes": list(classes),
+                "run_id": state.run_id, "step": state.step}, path)
+
+
+def save_history(path: Path, history: list[dict[str, float]]) -> None:
+    """The logged training curves as CSV, for `dvc plots show`."""
+    columns = ["step", "loss", "lr", "grad_norm", "images_per_s"]
+    lines = [",".join(columns)] + [",".join(f"{row[c]:.6g}" for c in columns) for row in history]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def summary(state: TrainState, model_parameters: int) -> dict[str, float]:
+    """Final numbers of a training run, for the DVC metrics file."""
+    tail = state.history[-max(1, len(state.history) // 10):]  # last tenth of the run
+    images = sum(row["images_per_s"] * row["seconds"] for row in state.history)
+    return {"steps": state.step, "final_loss": sum(r["loss"] for r in tail) / len(tail),
+            "train_seconds": state.seconds, "images_per_s": images / max(state.seconds, 1e-9),
+            "parameters": model_parameters}

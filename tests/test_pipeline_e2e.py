@@ -1,0 +1,165 @@
+"""End to end: the real `dvc repro`, `dvc exp run` (workspace, --temp, queue -j 2) and MLflow.
+
+The repository is copied to a temporary folder with tiny params, its data comes from the
+offline mirror (SIMPLE_DIFFUSION_MIRROR, as CI names it), and every command is the one a user
+types. Slow (a few minutes), but CI runs it.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.fetch import MIRROR_ENV
+from pipeline.tracking import PARENT_TAG
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["preprocess", "train_classifier", "train", "sample", "evaluate"]
+TINY = {
+    "preprocess": {"max_train_images": 2000, "max_reference_images": 300},
+    "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [14],
+              "num_heads": 2, "norm_groups": 4},
+    "train": {"steps": 20, "batch_size": 16, "log_every": 5, "checkpoint_every": 10,
+              "sample_every": 10, "grid_images": 4, "grid_sampling_steps": 3},
+    "sample": {"num_images": 30, "batch_size": 15, "num_steps": 4},
+    "classifier": {"epochs": 1},
+    "evaluate": {"kid_subset_size": 20},
+}
+
+
+def sh(project: Path, *command: str, timeout: float = 900) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
+    if env.get(MIRROR_ENV):  # a relative mirror path means: relative to this repository
+        env[MIRROR_ENV] = str((ROOT / env[MIRROR_ENV]).resolve())
+    env["TORCH_HOME"] = str(project.parent / "torch-home")  # no cached Inception weights
+    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def ran(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    mirror = os.environ.get(MIRROR_ENV)
+    if not mirror:
+        pytest.skip(f"{MIRROR_ENV} names no offline data mirror (CI sets it)")
+    project = tmp_path_factory.mktemp("e2e") / "project"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, project / name)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(project, "git", "init", "-q")
+    sh(project, "git", "config", "user.email", "e2e@example.com")
+    sh(project, "git", "config", "user.name", "e2e")
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "tiny params")
+    sh(project, "python", "-m", "stages.get_data")
+    return project
+
+
+@pytest.fixture(scope="module")
+def first_repro(project):
+    output = sh(project, "dvc", "repro")
+    # As a user does: commit the lock file, so experiments (--temp and queued ones start from
+    # the last commit) know what is already computed.
+    sh(project, "git", "add", "dvc.lock")
+    sh(project, "git", "commit", "-qm", "dvc repro")
+    return output
+
+
+def mlflow_runs(project: Path):
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("simple-diffusion")
+    runs = client.search_runs([experiment.experiment_id])
+    training = [r for r in runs if PARENT_TAG not in r.data.tags]
+    evaluations = [r for r in runs if PARENT_TAG in r.data.tags]
+    return client, training, evaluations
+
+
+def test_repro_runs_every_stage_and_writes_finite_metrics(project, first_repro):
+    assert ran(first_repro) == STAGES
+    assert "Inception FID/KID skipped" in first_repro  # offline: said, not failed
+    assert len(list((project / "samples").glob("*.png"))) == 30
+    for out in ["outputs/train/ema.pt", "outputs/train/checkpoint.pt", "outputs/sample/grid.png",
+                "outputs/sample/progression.png", "outputs/classifier/model.pt"]:
+        assert (project / out).is_file(), out
+    evaluation = json.loads((project / "outputs/evaluate/metrics.json").read_text())
+    for key in ["classifier_fd", "classifier_kid", "floor_classifier_fd", "class_coverage",
+                "class_tv_distance", "classifier_test_accuracy"]:
+        assert math.isfinite(evaluation[key]), key
+    assert evaluation["num_samples"] == 30
+    train = json.loads((project / "outputs/train/metrics.json").read_text())
+    assert train["steps"] == 20 and math.isfinite(train["final_loss"])
+    history = (project / "outputs/train/history.csv").read_text().splitlines()
+    assert history[0].startswith("step,loss") and len(history) == 1 + 4
+
+
+def test_mlflow_holds_the_training_run(project, first_repro):
+    client, training, evaluations = mlflow_runs(project)
+    assert len(training) == 1 and len(evaluations) == 1
+    run = training[0]
+    assert run.data.params["train.steps"] == "20" and run.data.params["model.base_channels"] == "8"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10, 15, 20]
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("sample_grid+step+10+" in p for p in images)
+    assert any("sample_grid+step+20+" in p for p in images)
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert "samples/grid.png" in samples
+    assert math.isfinite(run.data.metrics["classifier_fd"])  # its latest evaluation
+    assert evaluations[0].data.tags[PARENT_TAG] == run.info.run_id
+    assert run.data.tags["inception_metrics"].startswith("skipped")
+
+
+def test_second_repro_does_nothing(project, first_repro):
+    output = sh(project, "dvc", "repro")
+    assert ran(output) == [] and "up to date" in output
+
+
+def test_exp_run_on_a_sample_param_reruns_only_sample_and_evaluate(project, first_repro):
+    output = sh(project, "dvc", "exp", "run", "-n", "more-steps", "-S", "sample.num_steps=6")
+    assert ran(output) == ["sample", "evaluate"]
+    _, training, evaluations = mlflow_runs(project)
+    assert len(training) == 1  # no new model: the evaluation joins the same training run
+    latest = max(evaluations, key=lambda r: r.info.start_time)
+    assert latest.data.params["sample.num_steps"] == "6"
+    assert latest.info.run_name == "more-steps-eval"
+    assert latest.data.tags["dvc.exp_name"] == "more-steps"
+
+
+def test_temp_and_queued_experiments_land_in_the_same_store(project, first_repro):
+    _, _, before = mlflow_runs(project)
+    sh(project, "dvc", "exp", "run", "--temp", "-S", "sample.seed=1")
+    sh(project, "dvc", "exp", "run", "--queue", "-S", "sample.seed=2")
+    sh(project, "dvc", "exp", "run", "--queue", "-S", "sample.seed=3")
+    sh(project, "dvc", "queue", "start", "-j", "2")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = sh(project, "dvc", "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert "Failed" not in status, status
+    assert status.count("Success") == 2, status
+    _, training, evaluations = mlflow_runs(project)
+    assert len(training) == 1
+    seeds = sorted(r.data.params["sample.seed"] for r in evaluations[:len(evaluations) - len(before)])
+    assert seeds == ["1", "2", "3"]
+    assert not (project / ".dvc" / "tmp" / "exps" / "mlflow.db").exists()

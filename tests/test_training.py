@@ -1,0 +1,141 @@
+"""The training loop: schedule, learning, logging, and exact resume after an interruption."""
+
+import math
+import pytest
+import torch
+
+from pipeline.config import TrainParams, from_dict
+from pipeline.data import ImageSet
+from pipeline.generate import generate, load_ema_model, progression_image, write_samples
+from pipeline.io import save_torch
+from pipeline.training import TrainState, learning_rate, save_history, summary, train
+
+TINY = {"preprocess": {"image_size": 8, "channels": 1},
+        "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4],
+                  "num_heads": 2, "norm_groups": 4, "dropout": 0.1},
+        "diffusion": {"num_timesteps": 50},
+        "train": {"steps": 6, "batch_size": 8, "lr": 0.002, "warmup_steps": 2, "log_every": 2,
+                  "checkpoint_every": 2, "sample_every": 3, "grid_images": 4,
+                  "grid_sampling_steps": 3, "precision": "fp32"}}
+
+
+def tiny_params(**train):
+    raw = {section: dict(values) for section, values in TINY.items()}
+    raw["train"].update(train)
+    return from_dict(raw)
+
+
+def tiny_data(n: int = 16) -> ImageSet:
+    images = torch.randint(0, 256, (n, 1, 8, 8), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    return ImageSet(images, torch.arange(n) % 2, ("a", "b"))
+
+
+class Recorder:
+    """A Logger that keeps what it is given."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.metrics, self.images, self.stop_at = [], [], stop_at
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, metrics))
+        if step == self.stop_at:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C here
+
+    def log_image(self, image, key, step):
+        self.images.append((key, step, image.size))
+
+
+def test_learning_rate_warmup_then_cosine():
+    p = TrainParams(steps=110, lr=1.0, warmup_steps=10)
+    assert learning_rate(0, p) == pytest.approx(0.1)
+    assert learning_rate(9, p) == pytest.approx(1.0)
+    assert learning_rate(10, p) == pytest.approx(1.0)
+    assert learning_rate(60, p) == pytest.approx(0.5)  # half-way through the cosine
+    assert learning_rate(35, p) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert learning_rate(109, p) < 1e-3
+
+
+def test_train_logs_curves_grids_and_writes_the_ema_model(tmp_path):
+    logger = Recorder()
+    state = train(tiny_params(), tiny_data(), tmp_path, logger, run_id="run-1")
+    assert state.step == 6 and [s for s, _ in logger.metrics] == [2, 4, 6]
+    assert set(logger.metrics[0][1]) == {"loss", "lr", "grad_norm", "images_per_s", "seconds"}
+    assert all(math.isfinite(v) for _, m in logger.metrics for v in m.values())
+    # grids at every sample_every steps and at the end; 4 images of 8 px with 2 px frames
+    assert logger.images == [("sample_grid", 3, (22, 22)), ("sample_grid", 6, (22, 22))]
+    trained = load_ema_model(tmp_path / "ema.pt", torch.device("cpu"))
+    assert trained.run_id == "run-1" and trained.step == 6 and trained.classes == ("a", "b")
+    assert trained.scheduler.num_timesteps == 50
+
+
+def test_interrupted_training_resumes_exactly(tmp_path):
+    """Ctrl-C at step 4 before its checkpoint (the last is at 2), then a restart: the same
+    weights, bit for bit, as one uninterrupted run."""
+    params, data = tiny_params(), tiny_data()
+    train(params, data, tmp_path / "clean", Recorder())
+    with pytest.raises(KeyboardInterrupt):
+        train(params, data, tmp_path / "resumed", Recorder(stop_at=4))
+    logger = Recorder()
+    state = train(params, data, tmp_path / "resumed", logger)
+    assert [s for s, _ in logger.metrics] == [4, 6]  # it went on from step 2
+    assert [row["step"] for row in state.history] == [2, 4, 6]
+    clean = torch.load(tmp_path / "clean" / "ema.pt", weights_only=True)["weights"]
+    resumed = torch.load(tmp_path / "resumed" / "ema.pt", weights_only=True)["weights"]
+    assert clean.keys() == resumed.keys()
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tmp_path):
+    train(tiny_params(), tiny_data(), tmp_path, Recorder())
+    logger = Recorder()
+    state = train(tiny_params(lr=0.001), tiny_data(), tmp_path, logger)
+    assert [s for s, _ in logger.metrics] == [2, 4, 6]  # started again from step 0
+    assert state.step == 6
+
+
+def test_training_learns_a_single_image(tmp_path):
+    """Fitting one image, the loss falls from the untrained E[eps^2] = 1 (zero-initialised output)
+    to a small fraction of it."""
+    params = tiny_params(steps=150, lr=0.005, log_every=10, sample_every=1000,
+                         checkpoint_every=1000, warmup_steps=5)
+    data = ImageSet(torch.full((1, 1, 8, 8), 200, dtype=torch.uint8), torch.zeros(1).long(), ("x",))
+    logger = Recorder()
+    train(params, data, tmp_path, logger)
+    first, last = logger.metrics[0][1]["loss"], logger.metrics[-1][1]["loss"]
+    assert first > 0.6 and last < 0.1
+
+
+def test_history_csv_and_summary(tmp_path):
+    history = [{"step": 2, "loss": 1.0, "lr": 0.1, "grad_norm": 2.0, "images_per_s": 10.0,
+                "seconds": 1.0},
+               {"step": 4, "loss": 0.5, "lr": 0.2, "grad_norm": 1.0, "images_per_s": 30.0,
+                "seconds": 1.0}]
+    save_history(tmp_path / "h.csv", history)
+    assert (tmp_path / "h.csv").read_text().splitlines() == [
+        "step,loss,lr,grad_norm,images_per_s", "2,1,0.1,2,10", "4,0.5,0.2,1,30"]
+    result = summary(TrainState(step=4, history=history, seconds=2.0), 123)
+    assert result == {"steps": 4, "final_loss": 0.5, "train_seconds": 2.0, "images_per_s": 20.0,
+                      "parameters": 123}
+
+
+def test_generate_is_seeded_and_writes_pngs(tmp_path):
+    train(tiny_params(), tiny_data(), tmp_path, Recorder())
+    trained = load_ema_model(tmp_path / "ema.pt", torch.device("cpu"))
+    p = from_dict({"sample": {"num_images": 5, "batch_size": 2, "num_steps": 4}}).sample
+    images, steps = generate(trained, p, return_intermediates=True)
+    again, _ = generate(trained, p)
+    assert images.shape == (5, 1, 8, 8) and images.dtype == torch.uint8
+    assert torch.equal(images, again) and len(steps) == 4 and steps[0].shape == (2, 1, 8, 8)
+    write_samples(images, tmp_path / "samples")
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == \
+        [f"{i:05d}.png" for i in range(5)]
+    assert progression_image(steps, rows=2).size == (2 + 4 * 10, 2 + 2 * 10)
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    save_torch({"v": 1}, tmp_path / "f.pt")
+    with pytest.raises(AttributeError):
+        save_torch({"v": lambda: None}, tmp_path / "f.pt")  # lambdas cannot be pickled
+    assert torch.load(tmp_path / "f.pt")["v"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["f.pt"]  # no temporary file left behind
