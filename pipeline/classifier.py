@@ -28,11 +28,12 @@ class Classifier(nn.Module):
         super().__init__()
         self.config = dict(channels=channels, num_classes=num_classes, feature_dim=feature_dim)
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # any image size gives 128 numbers
-            nn.Linear(128, feature_dim), nn.ReLU(),
+            # A 4x4 map keeps where the strokes are (global pooling loses it) at any image size.
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(64 * 4 * 4, feature_dim), nn.ReLU(),
         )
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(feature_dim, num_classes))
 

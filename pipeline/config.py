@@ -46,10 +46,10 @@ class PreprocessParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    base_channels: int = spec(32, low=1)
-    channel_mult: tuple[int, ...] = spec((1, 2, 2), low=1)  # one entry per resolution level
+    base_channels: int = spec(16, low=1)
+    channel_mult: tuple[int, ...] = spec((1, 2, 4), low=1)  # one entry per resolution level
     num_res_blocks: int = spec(1, low=1)  # residual blocks per level
-    attention_resolutions: tuple[int, ...] = spec((7,), low=1)  # feature-map sizes with self-attention
+    attention_resolutions: tuple[int, ...] = spec((7,), low=1)  # feature-map sizes with attention
     num_heads: int = spec(4, low=1)
     dropout: float = spec(0.1, low=0.0, high=1.0, high_open=True)
     norm_groups: int = spec(8, low=1)  # GroupNorm groups
@@ -68,17 +68,17 @@ class DiffusionParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    steps: int = spec(3000, low=1)
-    batch_size: int = spec(128, low=1)
-    lr: float = spec(1e-3, low=0.0, low_open=True)
+    steps: int = spec(2000, low=1)
+    batch_size: int = spec(64, low=1)
+    lr: float = spec(2e-3, low=0.0, low_open=True)
     weight_decay: float = spec(0.0, low=0.0)
     warmup_steps: int = spec(100, low=0)  # linear learning-rate warm-up
     grad_clip: float = spec(1.0, low=0.0)  # max global gradient norm; 0 disables clipping
-    ema_decay: float = spec(0.999, low=0.0, high=1.0)
+    ema_decay: float = spec(0.995, low=0.0, high=1.0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where supported
     log_every: int = spec(50, low=1)
     checkpoint_every: int = spec(500, low=1)
-    sample_every: int = spec(1000, low=1)  # steps between sample grids logged to MLflow
+    sample_every: int = spec(500, low=1)  # steps between sample grids logged to MLflow
     grid_images: int = spec(64, low=1)
     grid_sampling_steps: int = spec(25, low=1)  # DDIM steps for the periodic grids
     seed: int = 0
@@ -86,8 +86,8 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class SampleParams:
-    method: Literal["ddpm", "ddim"] = "ddim"
-    num_steps: int = spec(50, low=1)
+    method: Literal["ddpm", "ddim"] = "ddpm"
+    num_steps: int = spec(100, low=1)
     eta: float = spec(0.0, low=0.0, high=1.0)  # DDIM: 0 deterministic, 1 DDPM-like
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     clip_sample: bool = True
@@ -99,7 +99,7 @@ class SampleParams:
 
 @dataclass(frozen=True)
 class ClassifierParams:
-    epochs: int = spec(2, low=1)
+    epochs: int = spec(1, low=1)
     batch_size: int = spec(128, low=1)
     lr: float = spec(2e-3, low=0.0, low_open=True)
     feature_dim: int = spec(128, low=2)  # width of the penultimate layer used for FD/KID

@@ -108,6 +108,20 @@ class Tracker:
     def run(self, run_id: str | None) -> Run | None:
         return Run(self.client, run_id) if run_id and self._exists(run_id) else None
 
+    def record_evaluation(self, training_run_id: str | None, step: int, settings: dict[str, Any],
+                          metrics: dict[str, float], images: list[Path], tags: dict[str, str]
+                          ) -> Run:
+        """A nested run with the evaluation's settings, metrics and images; the training run gets
+        the same metrics and images as its latest evaluation."""
+        evaluation = self.evaluation_run(training_run_id, settings)
+        for mlflow_run in filter(None, [evaluation, self.run(training_run_id)]):
+            mlflow_run.log_metrics(metrics, step)
+            for image in images:
+                mlflow_run.log_artifact(image, "samples")
+            mlflow_run.set_tags(tags)
+        evaluation.finish()
+        return evaluation
+
     def _exists(self, run_id: str) -> bool:
         try:
             self.client.get_run(run_id)

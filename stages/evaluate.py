@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import load_params
+from pipeline.config import Params, load_params
 from pipeline.data import ImageSet, load_folder
 from pipeline.io import save_json
 from pipeline.metrics import domain_metrics, inception_metrics
@@ -43,19 +43,14 @@ def main() -> None:
         print(f"evaluate: Inception FID/KID skipped: {skipped}")
 
 
-def log_to_mlflow(params, metrics: dict[str, float], skipped: str | None) -> None:
-    tracker = Tracker(params.tracking)
+def log_to_mlflow(params: Params, metrics: dict[str, float], skipped: str | None) -> None:
     saved = torch.load("outputs/train/ema.pt", map_location="cpu", weights_only=True)
-    settings = {f"sample.{k}": v for k, v in asdict(params.sample).items()}
-    settings.update({f"evaluate.{k}": v for k, v in asdict(params.evaluate).items()})
-    evaluation = tracker.evaluation_run(saved["run_id"], settings)
+    settings = {f"{section}.{k}": v for section in ("sample", "evaluate")
+                for k, v in asdict(getattr(params, section)).items()}
     status = {"inception_metrics": f"skipped: {skipped}" if skipped else "computed"}
-    for mlflow_run in filter(None, [evaluation, tracker.run(saved["run_id"])]):
-        mlflow_run.log_metrics(metrics, saved["step"])
-        mlflow_run.log_artifact(Path("outputs/sample/grid.png"), "samples")
-        mlflow_run.log_artifact(Path("outputs/sample/progression.png"), "samples")
-        mlflow_run.set_tags(status)
-    evaluation.finish()
+    Tracker(params.tracking).record_evaluation(
+        saved["run_id"], saved["step"], settings, metrics,
+        [Path("outputs/sample/grid.png"), Path("outputs/sample/progression.png")], status)
 
 
 if __name__ == "__main__":

@@ -60,15 +60,19 @@ def test_resumed_training_continues_the_same_run(tracker):
     assert tracker.training_run(Params(), run_id="no-such-run").id != first.id
 
 
-def test_evaluation_is_a_nested_run_with_the_sampling_settings(tracker, tmp_path):
+def test_evaluation_is_nested_and_the_training_run_gets_its_latest_metrics(tracker, tmp_path):
     parent = tracker.training_run(Params())
-    evaluation = tracker.evaluation_run(parent.id, {"sample.num_steps": 100})
     (tmp_path / "grid.png").write_bytes(b"png")
-    evaluation.log_artifact(tmp_path / "grid.png", "samples")
-    evaluation.log_metrics({"classifier_fd": 3.5}, step=0)
-    evaluation.finish()
-    stored = MlflowClient(tracker.uri).get_run(evaluation.id)
+    for num_steps, fd in [(50, 3.5), (100, 2.5)]:
+        evaluation = tracker.record_evaluation(parent.id, 20, {"sample.num_steps": num_steps},
+                                               {"classifier_fd": fd}, [tmp_path / "grid.png"],
+                                               {"inception_metrics": "computed"})
+    client = MlflowClient(tracker.uri)
+    stored = client.get_run(evaluation.id)
     assert stored.data.tags[PARENT_TAG] == parent.id
     assert stored.data.params == {"sample.num_steps": "100"}
-    assert stored.data.metrics == {"classifier_fd": 3.5}
+    assert stored.data.metrics == {"classifier_fd": 2.5}
+    assert stored.info.status == "FINISHED"
+    assert client.get_run(parent.id).data.metrics["classifier_fd"] == 2.5  # the latest
+    assert [a.path for a in client.list_artifacts(parent.id, "samples")] == ["samples/grid.png"]
     assert tracker.run("no-such-run") is None

@@ -58,6 +58,18 @@ def test_fresh_model_predicts_zero_and_fresh_blocks_are_identity() -> None:
     assert torch.equal(block(h, torch.randn(2, 32)), h)
 
 
+def test_attention_matches_explicit_softmax() -> None:
+    # Catches a head split or transpose that mixes pixels with channels yet keeps the shapes.
+    torch.manual_seed(0)
+    attn = SelfAttention(channels=8, num_heads=2, norm_groups=4)
+    torch.nn.init.normal_(attn.proj.weight)  # undo the zero init, or the branch would vanish
+    x = torch.randn(2, 8, 4, 4)
+    q, k, v = attn.qkv(attn.norm(x)).reshape(2, 3, 2, 4, 16).unbind(1)  # [B, heads, dim, pixels]
+    weights = torch.softmax(q.transpose(-1, -2) @ k / math.sqrt(4), dim=-1)  # [B, heads, pix, pix]
+    expected = x + attn.proj((v @ weights.transpose(-1, -2)).reshape(2, 8, 4, 4))
+    assert torch.allclose(attn(x), expected, atol=1e-5)
+
+
 def test_class_labels_change_the_output() -> None:
     model = perturbed(tiny_unet(num_classes=3))
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([100, 100])
