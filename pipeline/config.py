@@ -68,7 +68,7 @@ class DiffusionParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    steps: int = spec(2000, low=1)
+    steps: int = spec(1500, low=1)
     batch_size: int = spec(64, low=1)
     lr: float = spec(2e-3, low=0.0, low_open=True)
     weight_decay: float = spec(0.0, low=0.0)
