@@ -3,13 +3,15 @@
 import sys
 from collections.abc import Callable
 
-from pipeline.config import ParamsError
-from pipeline.data import DataError
 
 
 def run(stage: str, main: Callable[[], None]) -> None:
-    """Run a stage's main; bad params or data end it with a one-line message, not a traceback."""
+    """Run a stage's main; bad params or data end it with a one-line message, not a traceback.
+
+    ParamsError and DataError are ValueErrors, and so are the scheduler's and the UNet's errors
+    for combinations that each key allows alone (e.g. zero terminal SNR with epsilon prediction).
+    """
     try:
         main()
-    except (ParamsError, DataError) as err:
+    except ValueError as err:
         sys.exit(f"{stage}: error: {err}")
