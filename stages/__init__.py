@@ -4,7 +4,6 @@ import sys
 from collections.abc import Callable
 
 
-
 def run(stage: str, main: Callable[[], None]) -> None:
     """Run a stage's main; bad params or data end it with a one-line message, not a traceback.
 
