@@ -1,8 +1,14 @@
-"""Atomic file writes: a file the pipeline writes is either the old one or the whole new one.
+"""Safe file I/O: atomic, durable writes, and tensor files loaded without running their code.
 
-Every output goes to a temporary file in the same folder and is moved into place with
-`os.replace`, which is atomic on POSIX and Windows, so an interrupted stage never leaves a
-half-written checkpoint, tensor file, image or metrics file behind.
+Every output goes to a temporary file in the same folder, is flushed to disk (fsync), and is moved
+into place with `os.replace`, which is atomic on POSIX and Windows; the folder is then synced so
+the rename itself survives a power loss. An interrupted stage (a kill, a full disk) therefore never
+leaves a half-written checkpoint, tensor file, image or metrics file behind: the path holds either
+the old file or the whole new one.
+
+Tensor files are read with `torch.load(..., weights_only=True)`, which unpickles only tensors and
+plain containers. A file that holds other pickled objects (which could run code when loaded, e.g.
+a crafted checkpoint) is refused with `UnsafeFileError`.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +29,14 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class UnsafeFileError(ValueError):
+    """A tensor file holds pickled objects other than tensors and plain containers."""
+
+
+class CorruptFileError(ValueError):
+    """A tensor file is truncated or damaged."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it onto `path` only if the block succeeds."""
@@ -32,15 +47,48 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
     try:
         yield Path(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _fsync(path: str | Path) -> None:
+    """Flush a file's or a folder's contents to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_torch(obj: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def load_torch(path: str | Path) -> Any:
+    """A file written by save_torch, on the CPU; refuses files that could run code when loaded.
+
+    Raises UnsafeFileError for pickled objects beyond tensors and plain containers, and
+    CorruptFileError for a file that is truncated or not a tensor file at all.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as err:
+        found = [line for line in str(err).splitlines() if "GLOBAL" in line]
+        if found:
+            raise UnsafeFileError(
+                f"{path}: refused to load: it holds pickled Python objects, not only tensors, "
+                f"and loading it could run arbitrary code ({found[0].strip()})") from None
+        raise CorruptFileError(f"{path}: not a readable tensor file (bad pickle data)") from None
+    except Exception as err:  # torch reports damage as RuntimeError, EOFError, KeyError, ...
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CorruptFileError(f"{path}: not a readable tensor file ({reason})") from None
 
 
 def save_json(obj: Any, path: str | Path) -> None:

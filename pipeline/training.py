@@ -7,10 +7,16 @@ the target is the noise, x0 or v depending on the prediction type). AdamW (Loshc
 an EMA of the weights (pipeline/ema.py) is what gets sampled and saved. On a GPU, or a CPU with
 native bf16, the forward pass runs under bf16 autocast.
 
-A checkpoint (model, EMA, optimiser, random state, history) is written atomically every
-`train.checkpoint_every` steps; a run started again with the same params and data resumes from
-it, so an interrupted `dvc repro` loses at most that many steps. Metrics and sample grids go to
-a `Logger` (pipeline/tracking.py provides the MLflow one), so this module never touches MLflow.
+Nothing is lost when a run is interrupted. Every `train.checkpoint_every` steps a checkpoint
+(model, EMA, optimiser, step, every random state, the half-filled logging window and the history)
+is written atomically into out_dir/checkpoints/; the newest two are kept, and a run started again
+with the same params and data resumes from the newest readable one. Since the data order, the
+noise and dropout all come from the saved random states, the resumed run is bit for bit the run
+that was not interrupted (on the CPU). SIGINT and SIGTERM stop the loop after the current step
+with a checkpoint (`Interrupted`); a non-finite loss stops it before anything is saved
+(`NonFiniteLoss`). Metrics and sample grids go to a `Logger` (pipeline/tracking.py provides the
+MLflow one), so this module never touches MLflow; steps that the logger already holds, from a
+run killed after its last checkpoint, are not logged twice.
 """
 
 from __future__ import annotations
@@ -18,8 +24,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +41,7 @@ from PIL import Image
 from pipeline.config import Params, TrainParams, to_dict
 from pipeline.data import ImageSet, grid_image, to_model_range, to_uint8
 from pipeline.ema import EMA
+from pipeline.checkpoint import Checkpoints, random_states, restore_random_states
 from pipeline.io import atomic_path, save_torch
 from pipeline.noise_scheduler import NoiseScheduler
 from pipeline.sampler import sample
@@ -45,14 +56,30 @@ class Logger(Protocol):
 
     def log_image(self, image: Image.Image, key: str, step: int) -> None: ...
 
+    def last_step(self, key: str) -> int | None:
+        """The last step logged under `key` (a metric or an image series), None if none."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training; a checkpoint of the last finished step was written."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written, "
+                         "`dvc repro` resumes from it")
+        self.signum, self.step = signum, step
+
+
+class NonFiniteLoss(ValueError):
+    """The loss or the gradient norm became NaN or infinite; nothing of that step was saved."""
+
 
 @dataclass
 class TrainState:
     """Everything a resumed run needs besides the model, EMA and optimiser weights."""
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # one row per log interval
-    run_id: str | None = None  # the tracking run this training logs to
     seconds: float = 0.0  # training time so far, across resumes
+    window: dict[str, list[float]] = field(default_factory=dict)  # a log interval's steps so far
 
 
 def default_device() -> torch.device:
@@ -115,10 +142,12 @@ def class_labels(model: UNet, n: int, classes: int, generator: torch.Generator,
 
 def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
           run_id: str | None = None, device: torch.device | None = None) -> TrainState:
-    """Train on `data`, writing out_dir/{checkpoint.pt, ema.pt}; return the final state.
+    """Train on `data`, writing out_dir/checkpoints/ and out_dir/ema.pt; return the final state.
 
-    `run_id` names the tracking run that `logger` writes to; it is saved with the model so the
-    sample and evaluate stages can add to the same run (see `checkpoint_run_id`).
+    Resumes from the newest checkpoint of the same params and data, if there is one. `run_id`
+    names the tracking run that `logger` writes to; it is saved with the model so the sample and
+    evaluate stages can add to the same run. Raises Interrupted after SIGINT/SIGTERM (with a
+    checkpoint of the last finished step) and NonFiniteLoss when the loss diverges.
     """
     p = params.train
     device = device or default_device()
@@ -128,40 +157,117 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
     ema = EMA(model, decay=p.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     generator = torch.Generator(device).manual_seed(p.seed)
-    identity = fingerprint(params, data)
-    state = resume(out_dir / "checkpoint.pt", identity, model, ema, optimizer, generator)
-    state.run_id = run_id
+    checkpoints = Checkpoints(out_dir / "checkpoints", fingerprint(params, data))
+    state = resume(checkpoints, model, ema, optimizer, generator)
+    logger = NewStepsOnly(logger)
     bf16 = use_bf16(p.precision, device)
     images = data.images.to(device)
     labels = data.labels.to(device)
 
+    window = Window(state.window)
+
+    def save() -> None:
+        state.window = window.state()
+        checkpoints.save({"state": dataclasses.asdict(state), "model": model.state_dict(),
+                          "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                          "random": random_states(generator)}, state.step)
+
     model.train()
-    window = Window()
-    while state.step < p.steps:
-        lr = learning_rate(state.step, p)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        index = torch.randint(len(images), (p.batch_size,), generator=generator, device=device)
-        batch_labels = labels[index] if model.num_classes else None
-        loss, grad_norm = train_step(model, scheduler, optimizer, to_model_range(images[index]),
-                                     batch_labels, generator, p.grad_clip, bf16)
-        ema.update(model)
-        state.step += 1
-        window.add(loss, grad_norm, p.batch_size)
-        if state.step % p.log_every == 0 or state.step == p.steps:
-            row = {"step": state.step, "lr": lr, **window.flush()}
-            state.history.append(row)
-            state.seconds += row["seconds"]
-            logger.log_metrics({k: v for k, v in row.items() if k != "step"}, state.step)
-        if state.step % p.sample_every == 0 or state.step == p.steps:
-            with ema.swapped_in(model):
-                image = sample_grid(model, scheduler, p, len(data.classes), device)
-            logger.log_image(image, "sample_grid", state.step)
-        if state.step % p.checkpoint_every == 0 or state.step == p.steps:
-            save_checkpoint(out_dir / "checkpoint.pt", identity, state, model, ema, optimizer,
-                            generator)
-    save_ema_model(out_dir / "ema.pt", params, model, ema, data.classes, state)
+    with stop_requests() as stop:
+        while state.step < p.steps:
+            lr = learning_rate(state.step, p)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            index = torch.randint(len(images), (p.batch_size,), generator=generator, device=device)
+            batch_labels = labels[index] if model.num_classes else None
+            loss, grad_norm = train_step(model, scheduler, optimizer, to_model_range(images[index]),
+                                         batch_labels, generator, p.grad_clip, bf16)
+            check_finite(loss, grad_norm, state.step + 1, p, checkpoints)
+            ema.update(model)
+            state.step += 1
+            window.add(loss, grad_norm, p.batch_size)
+            if state.step % p.log_every == 0 or state.step == p.steps:
+                row = {"step": state.step, "lr": lr, **window.flush()}
+                state.history.append(row)
+                state.seconds += row["seconds"]
+                logger.log_metrics({k: v for k, v in row.items() if k != "step"}, state.step)
+            if state.step % p.sample_every == 0 or state.step == p.steps:
+                with ema.swapped_in(model):
+                    image = sample_grid(model, scheduler, p, len(data.classes), device)
+                logger.log_image(image, "sample_grid", state.step)
+            if state.step % p.checkpoint_every == 0 or state.step == p.steps or stop.signum:
+                save()
+            if stop.signum:
+                raise Interrupted(stop.signum, state.step)
+    save_ema_model(out_dir / "ema.pt", params, model, ema, data.classes, run_id, state.step)
     return state
+
+
+@dataclass
+class StopRequest:
+    signum: int = 0  # the first SIGINT/SIGTERM received, 0 if none
+
+
+@contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """Within the block, SIGINT and SIGTERM ask the loop to stop after its current step (and
+    write a checkpoint) instead of killing it mid-step; a second signal stops at once."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():  # handlers only work there
+        yield request
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        if request.signum:
+            raise KeyboardInterrupt
+        request.signum = signum
+        # os.write, not print: print is not reentrant if the signal lands inside another print.
+        os.write(2, f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                    "(send it again to stop at once)\n".encode())
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def check_finite(loss: float, grad_norm: float, step: int, p: TrainParams,
+                 checkpoints: Checkpoints) -> None:
+    """Stop at the first non-finite loss or gradient: the weights are garbage from here on."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    saved = checkpoints.paths()
+    kept = f"the last good checkpoint, {saved[0]}, is kept" if saved else "no checkpoint was written"
+    raise NonFiniteLoss(
+        f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}. Likely causes: "
+        f"a learning rate too high (train.lr = {p.lr:g}, warm-up train.warmup_steps = "
+        f"{p.warmup_steps}), no or loose gradient clipping (train.grad_clip = {p.grad_clip:g}), "
+        f"bf16 overflow (train.precision = {p.precision}; try fp32), or broken training images. "
+        f"Training stopped; {kept}")
+
+
+class NewStepsOnly:
+    """Passes on only what the logger does not hold yet: a run killed after its last checkpoint
+    already logged the steps that the resumed run computes again (bit for bit the same)."""
+
+    def __init__(self, logger: Logger) -> None:
+        self.logger = logger
+        self.logged: dict[str, int] = {}
+
+    def _new(self, key: str, step: int) -> bool:
+        if key not in self.logged:
+            self.logged[key] = self.logger.last_step(key) or 0
+        return step > self.logged[key]
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self._new("loss", step):
+            self.logger.log_metrics(metrics, step)
+
+    def log_image(self, image: Image.Image, key: str, step: int) -> None:
+        if self._new(key, step):
+            self.logger.log_image(image, key, step)
 
 
 def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Optimizer,
@@ -183,66 +289,55 @@ def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Op
 
 
 class Window:
-    """Running means of loss and gradient norm, and throughput, over one logging interval."""
+    """Running means of loss and gradient norm, and throughput, over one logging interval.
 
-    def __init__(self) -> None:
-        self.reset()
+    Its state goes into checkpoints, so that the interval a run is resumed in averages the same
+    steps as in a run that was not interrupted.
+    """
 
-    def reset(self) -> None:
-        self.start, self.losses, self.norms, self.images = time.perf_counter(), [], [], 0
+    def __init__(self, state: dict[str, list[float]] | None = None) -> None:
+        self.restore(state or {})
+
+    def restore(self, state: dict[str, list[float]]) -> None:
+        self.losses = list(state.get("losses", []))
+        self.norms = list(state.get("norms", []))
+        self.images = int(sum(state.get("images", [])))
+        self.earlier = sum(state.get("seconds", []))  # time spent in this interval before a resume
+        self.start = time.perf_counter()
 
     def add(self, loss: float, grad_norm: float, images: int) -> None:
         self.losses.append(loss)
         self.norms.append(grad_norm)
         self.images += images
 
+    def state(self) -> dict[str, list[float]]:
+        return {"losses": list(self.losses), "norms": list(self.norms), "images": [self.images],
+                "seconds": [self.earlier + time.perf_counter() - self.start]}
+
     def flush(self) -> dict[str, float]:
-        seconds = time.perf_counter() - self.start
+        seconds = self.earlier + time.perf_counter() - self.start
         row = {"loss": sum(self.losses) / len(self.losses),
                "grad_norm": sum(self.norms) / len(self.norms),
                "images_per_s": self.images / seconds, "seconds": seconds}
-        self.reset()
+        self.restore({})
         return row
 
 
-def save_checkpoint(path: Path, identity: str, state: TrainState, model: UNet, ema: EMA,
-                    optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
-    save_torch({"identity": identity, "state": dataclasses.asdict(state),
-                "model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state()}, path)
-
-
-def checkpoint_run_id(path: Path, params: Params, data: ImageSet) -> str | None:
-    """The tracking run of the checkpoint that `train` would resume, or None for a fresh run."""
-    if not path.exists():
-        return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    return checkpoint["state"]["run_id"] if checkpoint["identity"] == fingerprint(params, data) \
-        else None
-
-
-def resume(path: Path, identity: str, model: UNet, ema: EMA, optimizer: torch.optim.Optimizer,
+def resume(checkpoints: Checkpoints, model: UNet, ema: EMA, optimizer: torch.optim.Optimizer,
            generator: torch.Generator) -> TrainState:
-    """Load the checkpoint at `path` if it belongs to this run (same identity), else start fresh."""
-    if not path.exists():
-        return TrainState()
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if checkpoint["identity"] != identity:
-        print(f"{path}: written for other params or data; starting a fresh run")
+    """Restore the newest readable checkpoint of this run into the objects given, if any."""
+    checkpoint = checkpoints.load()
+    if checkpoint is None:
         return TrainState()
     model.load_state_dict(checkpoint["model"])
     ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    generator.set_state(checkpoint["generator"])
-    torch.set_rng_state(checkpoint["torch_rng"])
-    state = TrainState(**checkpoint["state"])
-    print(f"{path}: resuming at step {state.step}")
-    return state
+    restore_random_states(checkpoint["random"], generator)
+    return TrainState(**checkpoint["state"])
 
 
 def save_ema_model(path: Path, params: Params, model: UNet, ema: EMA, classes: tuple[str, ...],
-                   state: TrainState) -> None:
+                   run_id: str | None, step: int) -> None:
     """The EMA weights with what is needed to rebuild and sample the model (see load_ema_model)."""
     with ema.swapped_in(model):
         weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -250,7 +345,7 @@ def save_ema_model(path: Path, params: Params, model: UNet, ema: EMA, classes: t
     sections = {"preprocess": {k: sections["preprocess"][k] for k in ("image_size", "channels")},
                 "model": sections["model"], "diffusion": sections["diffusion"]}
     save_torch({"weights": weights, "params": sections, "classes": list(classes),
-                "run_id": state.run_id, "step": state.step}, path)
+                "run_id": run_id, "step": step}, path)
 
 
 def save_history(path: Path, history: list[dict[str, float]]) -> None:

@@ -1,16 +1,20 @@
 """DVC stage `train`: train the diffusion model, logging to MLflow; write the EMA weights.
 
-Outputs: outputs/train/ema.pt (EMA weights + what rebuilds the model), checkpoint.pt (persist:
-an interrupted run resumes from it), metrics.json and history.csv (DVC metrics and plots).
+Outputs: outputs/train/ema.pt (EMA weights + what rebuilds the model), checkpoints/ (persist: an
+interrupted run resumes from it, in the same MLflow run), metrics.json and history.csv (DVC
+metrics and plots). SIGINT/SIGTERM write a checkpoint, mark the MLflow run KILLED and exit with
+128 + the signal number; a diverged loss marks it FAILED.
 """
 
+import sys
 from pathlib import Path
 
+from pipeline.checkpoint import Checkpoints
 from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.io import save_json
 from pipeline.tracking import Tracker
-from pipeline.training import checkpoint_run_id, save_history, summary, train
+from pipeline.training import Interrupted, fingerprint, save_history, summary, train
 from pipeline.unet import build_model, count_parameters
 from stages import run
 
@@ -20,18 +24,28 @@ OUT = Path("outputs/train")
 def main() -> None:
     params = load_params()
     data = ImageSet.load("outputs/preprocess/train.pt")
+    checkpoints = Checkpoints(OUT / "checkpoints", fingerprint(params, data))
     tracker = Tracker(params.tracking)
-    mlflow_run = tracker.training_run(params, checkpoint_run_id(OUT / "checkpoint.pt", params, data))
+    mlflow_run = tracker.training_run(params, checkpoints.run_id())
+    checkpoints.set_run_id(mlflow_run.id)  # a kill before the first checkpoint keeps this run too
     print(f"train: MLflow run {mlflow_run.id} in {tracker.uri}")
     try:
         state = train(params, data, OUT, mlflow_run, run_id=mlflow_run.id)
+    except Interrupted as stop:
+        mlflow_run.finish("KILLED")
+        print(f"train: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except KeyboardInterrupt:
+        mlflow_run.finish("KILLED")
+        raise
     except BaseException:
-        mlflow_run.finish("KILLED")  # a later `dvc repro` resumes from the checkpoint and this run
+        mlflow_run.finish("FAILED")  # e.g. NonFiniteLoss; the last good checkpoint is kept
         raise
     metrics = summary(state, count_parameters(build_model(params)))
     save_history(OUT / "history.csv", state.history)
     save_json(metrics, OUT / "metrics.json")
-    mlflow_run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, state.step)
+    if (mlflow_run.last_step("train/final_loss") or 0) < state.step:  # not after a late kill
+        mlflow_run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, state.step)
     mlflow_run.finish()
     print(f"train: {state.step} steps, final loss {metrics['final_loss']:.4f}, "
           f"{metrics['images_per_s']:.0f} images/s")

@@ -7,8 +7,9 @@ import torch
 from pipeline.config import TrainParams, from_dict
 from pipeline.data import ImageSet
 from pipeline.generate import generate, load_ema_model, progression_image, write_samples
-from pipeline.io import save_torch
-from pipeline.training import TrainState, learning_rate, save_history, summary, train
+from pipeline import training
+from pipeline.io import UnsafeFileError, save_torch
+from pipeline.training import NonFiniteLoss, TrainState, learning_rate, save_history, summary, train
 
 TINY = {"preprocess": {"image_size": 8, "channels": 1},
         "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4],
@@ -37,10 +38,14 @@ class Recorder:
     def __init__(self, stop_at: int | None = None) -> None:
         self.metrics, self.images, self.stop_at = [], [], stop_at
 
+    def last_step(self, key):
+        steps = [s for s, m in self.metrics if key in m] + [s for k, s, _ in self.images if k == key]
+        return max(steps, default=None)
+
     def log_metrics(self, metrics, step):
-        self.metrics.append((step, metrics))
         if step == self.stop_at:
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C here
+            raise KeyboardInterrupt  # as if the process died here, before this step was logged
+        self.metrics.append((step, metrics))
 
     def log_image(self, image, key, step):
         self.images.append((key, step, image.size))
@@ -139,3 +144,103 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         save_torch({"v": lambda: None}, tmp_path / "f.pt")  # lambdas cannot be pickled
     assert torch.load(tmp_path / "f.pt")["v"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["f.pt"]  # no temporary file left behind
+
+
+def ema_weights(folder):
+    return torch.load(folder / "ema.pt", weights_only=True)["weights"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])
+def test_resume_mid_interval_logs_the_same_loss_curve(tmp_path, stop_at):
+    """A checkpoint at step 3 splits the log interval 3-4. Killed before logging step 4, the
+    resumed run must average the same steps (3 and 4); killed before logging step 6, it must not
+    log step 4 again. Either way the logged curve equals the uninterrupted one exactly."""
+    params, data = tiny_params(checkpoint_every=3), tiny_data()
+    clean = Recorder()
+    train(params, data, tmp_path / "clean", clean)
+    logger = Recorder(stop_at=stop_at)  # one store, as the MLflow run is: it keeps what was logged
+    with pytest.raises(KeyboardInterrupt):
+        train(params, data, tmp_path / "resumed", logger)
+    logger.stop_at = None
+    train(params, data, tmp_path / "resumed", logger)
+    assert [(s, m["loss"], m["grad_norm"], m["lr"]) for s, m in logger.metrics] == \
+        [(s, m["loss"], m["grad_norm"], m["lr"]) for s, m in clean.metrics]
+    assert logger.images == clean.images
+    assert_same_weights(ema_weights(tmp_path / "clean"), ema_weights(tmp_path / "resumed"))
+
+
+def test_only_the_newest_two_checkpoints_of_a_run_are_kept(tmp_path):
+    train(tiny_params(), tiny_data(), tmp_path, Recorder())
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
+    assert [n.split("-")[1] for n in names] == ["00000004", "00000006"]
+    train(tiny_params(lr=0.001), tiny_data(), tmp_path, Recorder())  # another run: its own files
+    newer = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
+    assert len(newer) == 2 and not set(newer) & set(names)
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    params, data = tiny_params(), tiny_data()
+    train(params, data, tmp_path / "clean", Recorder())
+    with pytest.raises(KeyboardInterrupt):  # checkpoints at 2 and 4, stopped while logging 6
+        train(params, data, tmp_path / "run", Recorder(stop_at=6))
+    newest = max((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short, as by a lying disk
+    logger = Recorder()
+    train(params, data, tmp_path / "run", logger)
+    out = capsys.readouterr().out
+    assert f"{newest}: not a readable tensor file" in out and "falling back" in out
+    assert "resuming at step 2" in out and [s for s, _ in logger.metrics] == [4, 6]
+    assert_same_weights(ema_weights(tmp_path / "clean"), ema_weights(tmp_path / "run"))
+
+
+class RunsCode:
+    """Pickles into a call of os.system: what a crafted checkpoint would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    params, data = tiny_params(), tiny_data()
+    train(params, data, tmp_path, Recorder())
+    marker = tmp_path / "pwned"
+    newest = max((tmp_path / "checkpoints").glob("*.pt"))
+    torch.save({"identity": "x", "state": RunsCode(marker)}, newest)
+    with pytest.raises(UnsafeFileError, match=r"refused to load.*could run arbitrary code"):
+        train(params, data, tmp_path, Recorder())
+    assert not marker.exists()
+    torch.load(newest, weights_only=False)  # the payload is real: loading it unsafely runs it
+    assert marker.exists()
+
+
+def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    params, data = tiny_params(), tiny_data()
+    real_step = training.train_step
+    calls = []
+
+    def diverging(*args):
+        calls.append(1)
+        loss, norm = real_step(*args)
+        return (math.nan if len(calls) == 5 else loss), norm
+
+    monkeypatch.setattr(training, "train_step", diverging)
+    logger = Recorder()
+    with pytest.raises(NonFiniteLoss, match=r"diverged at step 5: loss nan.*train\.lr = 0\.002"
+                       r".*train\.grad_clip.*step-00000004-\w+\.pt, is kept"):
+        train(params, data, tmp_path, logger)
+    assert [p.name.split("-")[1] for p in sorted((tmp_path / "checkpoints").glob("*.pt"))] == \
+        ["00000002", "00000004"]
+    assert [s for s, _ in logger.metrics] == [2, 4] and not (tmp_path / "ema.pt").exists()
+    monkeypatch.setattr(training, "train_step", real_step)  # fixed: the run resumes from step 4
+    logger = Recorder()
+    train(params, data, tmp_path, logger)
+    assert [s for s, _ in logger.metrics] == [6]

@@ -1,0 +1,105 @@
+"""Training checkpoints that survive kills, full disks and corrupt files.
+
+A run's checkpoints live in one folder (outputs/train/checkpoints), as files named by step and
+run, `step-00000500-<identity>.pt`. Each is written atomically (pipeline/io.py), records the
+identity of its run (a hash of the params that shape the model and its training, and of the
+training images) in its name and its contents, and is loaded with
+`weights_only=True`, so a crafted file cannot run code. The newest `KEEP` checkpoints are kept:
+if the newest cannot be read anyway (a disk that lied about fsync, a copy cut short), `load`
+says so and falls back to the one before it. Checkpoints of another identity are never loaded,
+and are removed once the new run has written its first checkpoint (DVC keeps outputs of past
+experiments in its cache).
+
+`run.json` beside them names the tracking run of the current identity as soon as that run
+exists, so that a run killed before its first checkpoint is also continued, not duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.io import CorruptFileError, load_torch, save_json, save_torch
+
+KEEP = 2
+NAME = re.compile(r"step-(\d+)-([0-9a-f]+)\.pt")
+ID_LENGTH = 16  # hex digits of the identity in a file name
+
+
+class Checkpoints:
+    """The checkpoint folder of one run: `identity` says which run a checkpoint must belong to."""
+
+    def __init__(self, folder: Path, identity: str) -> None:
+        self.folder, self.identity = Path(folder), identity
+
+    def paths(self) -> list[Path]:
+        """The checkpoint files of any run, newest (highest step) first."""
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := NAME.fullmatch(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def ours(self, path: Path) -> bool:
+        match = NAME.fullmatch(path.name)
+        return match is not None and match.group(2) == self.identity[:ID_LENGTH]
+
+    def save(self, checkpoint: dict[str, Any], step: int) -> Path:
+        """Write the checkpoint of `step`; then drop all but the newest KEEP of this run."""
+        path = self.folder / f"step-{step:08d}-{self.identity[:ID_LENGTH]}.pt"
+        save_torch({"identity": self.identity, **checkpoint}, path)
+        keep = [p for p in self.paths() if self.ours(p)][:KEEP]
+        for old in set(self.paths()) - set(keep):
+            old.unlink()
+        return path
+
+    def load(self) -> dict[str, Any] | None:
+        """The newest readable checkpoint of this run, or None (saying why) to start fresh."""
+        ours = [p for p in self.paths() if self.ours(p)]
+        if len(ours) < len(self.paths()):
+            print(f"{self.folder}: holds checkpoints written for other params or data; they are "
+                  "not resumed, and are removed once this run writes its first checkpoint")
+        for path in ours:
+            try:
+                checkpoint = load_torch(path)
+            except CorruptFileError as err:
+                print(f"{err}; falling back to the checkpoint before it")
+                continue
+            if checkpoint.get("identity") != self.identity:  # a file renamed by hand
+                raise ValueError(f"{path}: its name and its contents name different runs; "
+                                 "move it out of the way")
+            print(f"{path}: resuming at step {checkpoint['state']['step']}")
+            return checkpoint
+        if ours:
+            print(f"{self.folder}: no readable checkpoint of this run; starting a fresh run")
+        return None
+
+    def run_id(self) -> str | None:
+        """The tracking run recorded for this identity, if any."""
+        record = self.folder / "run.json"
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return None
+        return saved.get("run_id") if saved.get("identity") == self.identity else None
+
+    def set_run_id(self, run_id: str | None) -> None:
+        save_json({"identity": self.identity, "run_id": run_id}, self.folder / "run.json")
+
+
+def random_states(generator: torch.Generator) -> dict[str, Any]:
+    """Every random state a training step draws from: the data/noise generator, CPU and CUDA."""
+    states = {"generator": generator.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_random_states(states: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(states["generator"])
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
