@@ -6,7 +6,7 @@ an interrupted run resumes from it), metrics.json and history.csv (DVC metrics a
 
 from pathlib import Path
 
-from pipeline.config import load_params
+from pipeline.config import check_data_size, load_params
 from pipeline.data import ImageSet
 from pipeline.io import save_json
 from pipeline.tracking import Tracker
@@ -20,6 +20,7 @@ OUT = Path("outputs/train")
 def main() -> None:
     params = load_params()
     data = ImageSet.load("outputs/preprocess/train.pt")
+    check_data_size(params, len(data))
     tracker = Tracker(params.tracking)
     mlflow_run = tracker.training_run(params, checkpoint_run_id(OUT / "checkpoint.pt", params, data))
     print(f"train: MLflow run {mlflow_run.id} in {tracker.uri}")
