@@ -4,15 +4,21 @@
 (preprocess, model, diffusion, train, sample, classifier, evaluate, tracking). Every field has a
 default, so a partial file works. Bad input raises `ParamsError` before anything runs: an unknown
 key names its section and the closest valid names, a wrong type or out-of-range value names the
-dotted key, the value and what is allowed. `flatten(params)` gives the dotted keys (`train.lr`)
-that `dvc exp run -S` and the MLflow run's params use.
+dotted key, the value and what is allowed. Then combinations that each key allows alone but the
+pipeline cannot run (an image size the UNet cannot halve often enough, more sampling steps than
+timesteps, ...) raise one ParamsError naming every key involved, so every stage's `load_params`
+fails before any work starts. `check_data_size` adds the one check that needs the loaded data.
+`flatten(params)` gives the dotted keys (`train.lr`) that `dvc exp run -S` and the MLflow run's
+params use.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -146,8 +152,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: {err}") from None
 
 
-def from_dict(raw: dict[str, Any]) -> Params:
-    """Build Params from nested dicts (as in params.yaml); missing keys take their defaults."""
+def from_dict(raw: dict[str, Any], *, check_combinations: bool = True) -> Params:
+    """Build Params from nested dicts (as in params.yaml); missing keys take their defaults.
+
+    check_combinations=False skips the cross-field checks, for the sections a checkpoint saves:
+    the defaults of the sections it leaves out were never chosen, so they cannot be wrong.
+    """
     if not isinstance(raw, dict):
         raise ParamsError(f"expected a mapping of sections, got {type(raw).__name__}")
     sections = {f.name: f.type for f in dataclasses.fields(Params)}
@@ -158,7 +168,10 @@ def from_dict(raw: dict[str, Any]) -> Params:
         if not isinstance(section, dict):
             raise ParamsError(f"section '{name}' must be a mapping of keys, got {section!r}")
         values[name] = _build_section(hints[name], name, section)
-    return Params(**values)
+    params = Params(**values)
+    if check_combinations:
+        _check_combinations(params)
+    return params
 
 
 def _build_section(cls: type, name: str, raw: dict[str, Any]) -> Any:
@@ -243,6 +256,156 @@ def _describe_range(meta: typing.Mapping[str, Any]) -> str:
     if high is not None:
         parts.append(f"{'<' if meta['high_open'] else '<='} {high:g}")
     return " and ".join(parts)
+
+
+# Cross-field rules: combinations of values that each key allows alone. A rule returns what is
+# wrong, naming the values and what would fix it, or None. pipeline/unet.py and
+# pipeline/noise_scheduler.py check their arguments with the same functions, so each rule is
+# written once; `name` turns an argument name into the name the reader knows (the dotted params
+# key here, the argument itself there).
+
+def feature_map_sizes(image_size: int, levels: int) -> list[int]:
+    """Side lengths of the UNet's levels: image_size / 2**i for i = 0 .. levels - 1."""
+    return [image_size // 2**i for i in range(levels)]
+
+
+def unet_problem(image_size: int, base_channels: int, channel_mult: Sequence[int],
+                 attention_resolutions: Sequence[int], num_heads: int, norm_groups: int,
+                 name: Callable[[str], str] = str) -> str | None:
+    """Why a UNet of this shape cannot be built (pipeline/unet.py), or None; all counts >= 1."""
+    if not channel_mult:
+        return f"{name('channel_mult')}=[] must have one entry per level, e.g. [1, 2, 2]"
+    if base_channels % 2:
+        return (f"{name('base_channels')}={base_channels} must be even: the sinusoidal timestep "
+                f"embedding is half sines, half cosines; use e.g. {base_channels + 1}")
+    levels = len(channel_mult)
+    factor = 2 ** (levels - 1)
+    if image_size % factor:
+        max_levels = (image_size & -image_size).bit_length()  # 1 + times 2 divides image_size
+        return (f"{name('image_size')}={image_size} is not divisible by 2**(levels-1)={factor}, "
+                f"which {name('channel_mult')}={list(channel_mult)} ({levels} levels) needs; use "
+                f"at most {max_levels} levels for {image_size} px, or an image size that is a "
+                f"multiple of {factor}")
+    sizes = feature_map_sizes(image_size, levels)
+    unknown = [r for r in attention_resolutions if r not in sizes]
+    if unknown:
+        return (f"{name('attention_resolutions')}={list(attention_resolutions)}: {unknown} never "
+                f"occur; the feature-map sizes for {name('image_size')}={image_size} and "
+                f"{name('channel_mult')}={list(channel_mult)} are {sizes}; use some of those")
+    widths = [base_channels * mult for mult in channel_mult]
+    if any(ch % norm_groups for ch in [base_channels, *widths]):
+        return (f"{name('norm_groups')}={norm_groups} must divide {name('base_channels')}="
+                f"{base_channels} and every level's channels {widths} ({name('base_channels')} * "
+                f"{name('channel_mult')}); use {_divisors(base_channels, *widths)}")
+    attended = [(ch, size) for ch, size in zip(widths, sizes) if size in attention_resolutions]
+    for ch, size in attended:
+        if ch % num_heads:
+            return (f"{name('num_heads')}={num_heads} must divide the {ch} channels of the {size} "
+                    f"px attention level; use {_divisors(*(c for c, _ in attended))}")
+    return None
+
+
+def _divisors(*numbers: int) -> str:
+    """'one of 1, 2, 4, 8': the numbers that divide all of numbers."""
+    common = math.gcd(*numbers)
+    return "one of " + ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
+
+
+def beta_problem(schedule: str, beta_start: float, beta_end: float,
+                 name: Callable[[str], str] = str) -> str | None:
+    """Why beta_start and beta_end do not make a schedule (pipeline/noise_scheduler.py), or None.
+
+    They are the first and last beta of every schedule but "cosine", which ignores them. Equal
+    values are allowed: a constant schedule.
+    """
+    if schedule == "cosine" or 0 < beta_start <= beta_end < 1:
+        return None
+    start, end = name("beta_start"), name("beta_end")
+    return (f"{start}={beta_start!r} and {end}={beta_end!r} must satisfy 0 < {start} <= {end} < 1: "
+            f"they are the first and last beta of {name('schedule')}={schedule!r} (only 'cosine' "
+            f"ignores them)")
+
+
+def zero_terminal_snr_problem(rescale_zero_terminal_snr: bool, prediction_type: str,
+                              num_timesteps: int, name: Callable[[str], str] = str) -> str | None:
+    """Why the schedule cannot be rescaled to zero terminal SNR (Lin et al. 2023), or None."""
+    if not rescale_zero_terminal_snr:
+        return None
+    rescale = f"{name('rescale_zero_terminal_snr')}=True"
+    if prediction_type == "epsilon":
+        return (f"{rescale} needs {name('prediction_type')} 'v_prediction' or 'sample': "
+                f"{name('prediction_type')}='epsilon' cannot recover x_0 at the last timestep, "
+                f"which is pure noise (abar = 0); change one of the two")
+    if num_timesteps < 2:  # Lin et al. Algorithm 1 divides by sqrt(abar_0) - sqrt(abar_{T-1})
+        return f"{rescale} needs {name('num_timesteps')} >= 2; got {num_timesteps}"
+    return None
+
+
+def _unet_key(argument: str) -> str:
+    return "preprocess.image_size" if argument == "image_size" else f"model.{argument}"
+
+
+def _diffusion_key(argument: str) -> str:
+    return f"diffusion.{argument}"
+
+
+def _step_problems(params: Params) -> Iterator[str]:
+    """A sampler visits each of the T training timesteps at most once (pipeline/sampler.py)."""
+    timesteps = params.diffusion.num_timesteps
+    for key, steps in [("sample.num_steps", params.sample.num_steps),
+                       ("train.grid_sampling_steps", params.train.grid_sampling_steps)]:
+        if steps > timesteps:
+            yield (f"{key} = {steps} is more than diffusion.num_timesteps = {timesteps}, the "
+                   f"timesteps a sampler can visit; use at most {timesteps}")
+
+
+def _kid_problem(params: Params) -> str | None:
+    """KID (Binkowski et al. 2018) draws subsets of kid_subset_size from both image sets."""
+    subset = params.evaluate.kid_subset_size
+    sets = {"sample.num_images": params.sample.num_images,
+            "preprocess.max_reference_images": params.preprocess.max_reference_images}
+    smaller = {key: size for key, size in sets.items() if size < subset}
+    if not smaller:
+        return None
+    named = " and ".join(f"{key} = {size}" for key, size in smaller.items())
+    return (f"evaluate.kid_subset_size = {subset} is more than {named}: KID draws subsets of that "
+            f"many images from the samples and the reference set; use at most "
+            f"{min(smaller.values())}")
+
+
+def _check_combinations(params: Params) -> None:
+    """Raise one ParamsError naming every combination of values the pipeline cannot run."""
+    m, d = params.model, params.diffusion
+    problems = [
+        unet_problem(params.preprocess.image_size, m.base_channels, m.channel_mult,
+                     m.attention_resolutions, m.num_heads, m.norm_groups, _unet_key),
+        beta_problem(d.schedule, d.beta_start, d.beta_end, _diffusion_key),
+        zero_terminal_snr_problem(d.rescale_zero_terminal_snr, d.prediction_type,
+                                  d.num_timesteps, _diffusion_key),
+        *_step_problems(params),
+        _kid_problem(params),
+    ]
+    problems = [p for p in problems if p]
+    if len(problems) == 1:
+        raise ParamsError(problems[0])
+    if problems:
+        raise ParamsError(f"{len(problems)} impossible combinations: "
+                          + " ".join(f"({i}) {p}." for i, p in enumerate(problems, 1)))
+
+
+def check_data_size(params: Params, num_train_images: int) -> None:
+    """Raise ParamsError if a training batch is larger than the training set.
+
+    Only known once the data is loaded, so the train stage calls this right after loading it.
+    """
+    batch_size = params.train.batch_size
+    if batch_size <= num_train_images:
+        return
+    cap = params.preprocess.max_train_images
+    capped = f" (preprocess.max_train_images = {cap})" if cap else ""
+    raise ParamsError(f"train.batch_size = {batch_size} is larger than the training set, "
+                      f"{num_train_images} images{capped}; use a train.batch_size of at most "
+                      f"{num_train_images}, or more training images")
 
 
 def flatten(params: Params) -> dict[str, Any]:

@@ -31,7 +31,7 @@ class TrainedModel:
 def load_ema_model(path: Path, device: torch.device | None = None) -> TrainedModel:
     """Rebuild the EMA model that pipeline.training saved, in eval mode, with its scheduler."""
     saved: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    params = from_dict(saved["params"])
+    params = from_dict(saved["params"], check_combinations=False)  # model and diffusion only
     model = build_model(params)
     model.load_state_dict(saved["weights"])
     model.to(device or default_device()).eval()

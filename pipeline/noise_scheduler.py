@@ -36,6 +36,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from pipeline.config import beta_problem, zero_terminal_snr_problem
+
 SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid", "exponential")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -163,19 +165,11 @@ class NoiseScheduler:
     ) -> None:
         if not isinstance(num_timesteps, int) or num_timesteps < 1:
             raise ValueError(f"num_timesteps must be an integer >= 1; got {num_timesteps!r}")
-        if not 0 < beta_start <= beta_end < 1:
-            raise ValueError(
-                f"beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1; "
-                f"got beta_start={beta_start!r}, beta_end={beta_end!r}"
-            )
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        if rescale_zero_terminal_snr and prediction_type == "epsilon":
-            raise ValueError(
-                "rescale_zero_terminal_snr=True needs prediction_type 'v_prediction' or 'sample'; "
-                "got prediction_type='epsilon', which cannot recover x_0 where abar = 0"
-            )
-        if rescale_zero_terminal_snr and num_timesteps < 2:
-            raise ValueError(f"rescale_zero_terminal_snr=True needs num_timesteps >= 2; got {num_timesteps}")
+        problem = beta_problem(schedule, beta_start, beta_end) or zero_terminal_snr_problem(
+            rescale_zero_terminal_snr, prediction_type, num_timesteps)
+        if problem:  # the rules params.yaml is checked against (pipeline/config.py)
+            raise ValueError(problem)
 
         betas = make_betas(schedule, num_timesteps, beta_start, beta_end)
         if rescale_zero_terminal_snr:

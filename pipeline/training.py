@@ -126,7 +126,7 @@ def sample_grid(model: UNet, scheduler: NoiseScheduler, p: TrainParams, classes:
     model.eval()
     x = sample(model_fn(model, labels), scheduler, (p.grid_images, model.in_channels,
                model.image_size, model.image_size), method="ddim",
-               num_steps=min(p.grid_sampling_steps, scheduler.num_timesteps),
+               num_steps=p.grid_sampling_steps,
                timestep_spacing="trailing", generator=generator, device=device)
     model.train()
     return grid_image(to_uint8(x.cpu()))

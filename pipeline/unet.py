@@ -17,7 +17,8 @@ Shapes through the network, for levels i = 0 .. len(channel_mult) - 1:
     up path:   num_res_blocks + 1 blocks per level, each fed the matching down-path activation,
                then nearest-neighbour 2x upsampling and a conv (except after level 0).
 
-Resolution rules (checked in the constructor, which raises ValueError naming the values):
+Resolution rules (pipeline/config.py's `unet_problem`, which checks params.yaml when it is loaded;
+the constructor raises ValueError with the same message, naming the values):
 
 * image_size must be divisible by 2**(len(channel_mult) - 1), so every downsampling halves an even
   side and upsampling retraces it exactly: 28 px allows up to 3 levels (28, 14, 7), 32 px up to 6.
@@ -37,6 +38,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.config import feature_map_sizes, unet_problem
 
 if TYPE_CHECKING:
     from pipeline.config import Params
@@ -125,9 +128,9 @@ class UNet(nn.Module):
         num_classes: int = 0,  # 0: unconditional; >0: labels 0..num_classes-1, num_classes = null
     ) -> None:
         super().__init__()
-        sizes = [image_size // 2**i for i in range(len(channel_mult))]
         _check_config(in_channels, image_size, base_channels, channel_mult, num_res_blocks,
-                      attention_resolutions, num_heads, dropout, norm_groups, num_classes, sizes)
+                      attention_resolutions, num_heads, dropout, norm_groups, num_classes)
+        sizes = feature_map_sizes(image_size, len(channel_mult))
         self.in_channels = in_channels
         self.image_size = image_size
         self.num_classes = num_classes
@@ -210,43 +213,23 @@ class UNet(nn.Module):
 def _check_config(in_channels: int, image_size: int, base_channels: int,
                   channel_mult: tuple[int, ...], num_res_blocks: int,
                   attention_resolutions: tuple[int, ...], num_heads: int, dropout: float,
-                  norm_groups: int, num_classes: int, sizes: list[int]) -> None:
+                  norm_groups: int, num_classes: int) -> None:
     """Raise ValueError, naming the offending values and what would work, for an impossible UNet."""
     for name, value in [("in_channels", in_channels), ("image_size", image_size),
                         ("base_channels", base_channels), ("num_res_blocks", num_res_blocks),
                         ("num_heads", num_heads), ("norm_groups", norm_groups)]:
         if value < 1:
             raise ValueError(f"{name}={value} must be at least 1")
-    if not channel_mult or min(channel_mult) < 1:
-        raise ValueError(f"channel_mult={channel_mult} must be a non-empty tuple of positive ints")
+    if any(mult < 1 for mult in channel_mult):
+        raise ValueError(f"channel_mult={channel_mult} must hold positive ints")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout={dropout} must be in [0, 1)")
     if num_classes < 0:
         raise ValueError(f"num_classes={num_classes} must be 0 (unconditional) or positive")
-    if base_channels % 2:
-        raise ValueError(f"base_channels={base_channels} must be even (sin/cos timestep embedding)")
-
-    levels = len(channel_mult)
-    factor = 2 ** (levels - 1)
-    if image_size % factor:
-        max_levels = (image_size & -image_size).bit_length()  # 1 + times 2 divides image_size
-        raise ValueError(
-            f"image_size={image_size} is not divisible by 2**(levels-1)={factor}, which "
-            f"channel_mult={channel_mult} ({levels} levels) needs; use at most {max_levels} levels "
-            f"for {image_size} px, or an image_size that is a multiple of {factor}")
-    unknown = [r for r in attention_resolutions if r not in sizes]
-    if unknown:
-        raise ValueError(
-            f"attention_resolutions={attention_resolutions}: {unknown} never occur; feature-map "
-            f"sizes for image_size={image_size} and channel_mult={channel_mult} are {sizes}")
-    widths = [base_channels * mult for mult in channel_mult]
-    if any(ch % norm_groups for ch in [base_channels, *widths]):
-        raise ValueError(f"norm_groups={norm_groups} must divide base_channels={base_channels} and "
-                         f"every level's channels {widths} (base_channels * channel_mult)")
-    for ch, size in zip(widths, sizes):
-        if size in attention_resolutions and ch % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide the {ch} channels of the "
-                             f"{size} px attention level")
+    problem = unet_problem(image_size, base_channels, channel_mult, attention_resolutions,
+                           num_heads, norm_groups)
+    if problem:
+        raise ValueError(problem)
 
 
 def build_model(params: Params) -> UNet:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline.checkpoint import Checkpoints
-from pipeline.config import load_params
+from pipeline.config import check_data_size, load_params
 from pipeline.data import ImageSet
 from pipeline.io import save_json
 from pipeline.tracking import Tracker
@@ -24,6 +24,7 @@ OUT = Path("outputs/train")
 def main() -> None:
     params = load_params()
     data = ImageSet.load("outputs/preprocess/train.pt")
+    check_data_size(params, len(data))
     checkpoints = Checkpoints(OUT / "checkpoints", fingerprint(params, data))
     tracker = Tracker(params.tracking)
     mlflow_run = tracker.training_run(params, checkpoints.run_id())

@@ -1,11 +1,18 @@
-"""params.yaml loading: defaults, typos, types and ranges; the dotted keys of `dvc exp run -S`."""
+"""params.yaml loading: defaults, typos, types, ranges and impossible combinations of keys; the
+dotted keys of `dvc exp run -S`."""
 
+import os
+import subprocess
+import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import Params, ParamsError, flatten, from_dict, load_params, to_dict
+from pipeline.config import (Params, ParamsError, SampleParams, beta_problem, check_data_size,
+                             flatten, from_dict, load_params, to_dict, unet_problem,
+                             zero_terminal_snr_problem)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +93,8 @@ def test_params_are_frozen():
 
 
 def test_flatten_gives_the_dotted_keys_of_dvc_exp_run():
-    flat = flatten(from_dict({"train": {"lr": 0.005}, "model": {"channel_mult": [1, 2]}}))
+    flat = flatten(from_dict({"train": {"lr": 0.005},
+                              "model": {"channel_mult": [1, 2], "attention_resolutions": [14]}}))
     assert flat["train.lr"] == 0.005
     assert flat["model.channel_mult"] == (1, 2)
     assert len(flat) == sum(len(section) for section in to_dict(Params()).values())
@@ -107,3 +115,178 @@ def test_dvc_yaml_params_exist():
     for stage in stages.values():
         for name in stage.get("params", []):
             assert name in sections or name in flat, name
+
+
+# Each case: params that every key allows alone, and what the message must name (keys, values,
+# the fix). Defaults: 28 px, channel_mult [1, 2, 4] (28, 14, 7 px; 16, 32, 64 channels), T = 1000.
+@pytest.mark.parametrize("raw, expected", [
+    ({"preprocess": {"image_size": 30}},
+     ["preprocess.image_size=30", "2**(levels-1)=4", "model.channel_mult=[1, 2, 4] (3 levels)",
+      "at most 2 levels for 30 px", "multiple of 4"]),
+    ({"preprocess": {"image_size": 64}, "model": {"channel_mult": [1, 1, 2, 2, 2, 2, 2, 2]}},
+     ["preprocess.image_size=64", "2**(levels-1)=128", "(8 levels)", "at most 7 levels"]),
+    ({"model": {"attention_resolutions": [7, 8]}},
+     ["model.attention_resolutions=[7, 8]: [8] never occur", "preprocess.image_size=28",
+      "model.channel_mult=[1, 2, 4] are [28, 14, 7]"]),
+    ({"preprocess": {"image_size": 32}},  # the default attention at 7 px is not a 32 px size
+     ["model.attention_resolutions=[7]: [7] never occur", "are [32, 16, 8]"]),
+    ({"model": {"norm_groups": 6}},
+     ["model.norm_groups=6 must divide model.base_channels=16", "[16, 32, 64]",
+      "use one of 1, 2, 4, 8, 16"]),
+    ({"model": {"base_channels": 24, "channel_mult": [1, 3, 4], "norm_groups": 16}},
+     ["model.norm_groups=16", "model.base_channels=24", "[24, 72, 96]",
+      "use one of 1, 2, 3, 4, 6, 8, 12, 24"]),
+    ({"model": {"num_heads": 5}},
+     ["model.num_heads=5 must divide the 64 channels of the 7 px attention level",
+      "use one of 1, 2, 4, 8, 16, 32, 64"]),
+    ({"model": {"num_heads": 5, "attention_resolutions": [28, 7], "base_channels": 24}},
+     ["model.num_heads=5 must divide the 24 channels of the 28 px",
+      "use one of 1, 2, 3, 4, 6, 8, 12, 24"]),
+    ({"model": {"base_channels": 15, "norm_groups": 1}},
+     ["model.base_channels=15 must be even", "sines", "16"]),
+    ({"model": {"channel_mult": []}}, ["model.channel_mult=[] must have one entry per level"]),
+    ({"sample": {"num_steps": 1001}},
+     ["sample.num_steps = 1001 is more than diffusion.num_timesteps = 1000", "at most 1000"]),
+    ({"diffusion": {"num_timesteps": 20}, "sample": {"num_steps": 20}},
+     ["train.grid_sampling_steps = 25 is more than diffusion.num_timesteps = 20", "at most 20"]),
+    ({"diffusion": {"beta_start": 0.03}},
+     ["diffusion.beta_start=0.03 and diffusion.beta_end=0.02", "0 < diffusion.beta_start <= "
+      "diffusion.beta_end < 1", "diffusion.schedule='linear'", "only 'cosine' ignores them"]),
+    ({"diffusion": {"schedule": "exponential", "beta_start": 0.5, "beta_end": 0.1}},
+     ["diffusion.beta_start=0.5 and diffusion.beta_end=0.1", "diffusion.schedule='exponential'"]),
+    ({"diffusion": {"rescale_zero_terminal_snr": True}},
+     ["diffusion.rescale_zero_terminal_snr=True needs diffusion.prediction_type 'v_prediction' or "
+      "'sample'", "diffusion.prediction_type='epsilon'", "change one of the two"]),
+    ({"diffusion": {"rescale_zero_terminal_snr": True, "prediction_type": "v_prediction",
+                    "num_timesteps": 1}, "sample": {"num_steps": 1},
+      "train": {"grid_sampling_steps": 1}},
+     ["diffusion.rescale_zero_terminal_snr=True needs diffusion.num_timesteps >= 2; got 1"]),
+    ({"sample": {"num_images": 999}},
+     ["evaluate.kid_subset_size = 1000 is more than sample.num_images = 999", "at most 999"]),
+    ({"preprocess": {"max_reference_images": 300}, "sample": {"num_images": 500}},
+     ["evaluate.kid_subset_size = 1000 is more than sample.num_images = 500 and "
+      "preprocess.max_reference_images = 300", "at most 300"]),
+])
+def test_impossible_combination_names_keys_values_and_fix(raw, expected):
+    with pytest.raises(ParamsError) as err:
+        from_dict(raw)
+    message = str(err.value)
+    for part in expected:
+        assert part in message, (part, message)
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("raw", [
+    {"preprocess": {"image_size": 32}, "model": {"attention_resolutions": [8, 16]}},
+    {"preprocess": {"image_size": 30}, "model": {"channel_mult": [1, 2],
+                                                 "attention_resolutions": [15]}},
+    {"model": {"channel_mult": [1], "attention_resolutions": []}},
+    {"model": {"num_heads": 3, "attention_resolutions": []}},  # heads matter only for attention
+    {"model": {"num_heads": 64, "norm_groups": 16}},
+    {"sample": {"num_steps": 1000}, "train": {"grid_sampling_steps": 1000}},
+    {"diffusion": {"beta_start": 0.02}},  # equal: a constant schedule
+    {"diffusion": {"schedule": "cosine", "beta_start": 0.5, "beta_end": 0.1}},  # unused by cosine
+    {"diffusion": {"rescale_zero_terminal_snr": True, "prediction_type": "sample"}},
+    {"sample": {"num_images": 20}, "evaluate": {"kid_subset_size": 20}},
+])
+def test_possible_combinations_at_the_limits_load(raw):
+    flat = flatten(from_dict(raw))
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert flat[f"{section}.{key}"] == (tuple(value) if isinstance(value, list) else value)
+
+
+def test_every_impossible_combination_is_in_one_message(tmp_path):
+    path = write(tmp_path, "preprocess:\n  image_size: 30\nsample:\n  num_steps: 5000\n"
+                           "  num_images: 10\n")
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: 3 impossible combinations: (1) preprocess.image_size=30")
+    assert "(2) sample.num_steps = 5000" in message
+    assert "(3) evaluate.kid_subset_size = 1000 is more than sample.num_images = 10" in message
+
+
+def test_checkpoint_sections_load_without_the_defaults_of_the_rest():
+    """A checkpoint saves model and diffusion only; the other sections' defaults were never chosen,
+    and a sample.num_steps of 100 is no reason to refuse a model trained with 50 timesteps."""
+    saved = {"diffusion": {"num_timesteps": 50}}
+    with pytest.raises(ParamsError, match="sample.num_steps = 100"):
+        from_dict(saved)
+    assert from_dict(saved, check_combinations=False).diffusion.num_timesteps == 50
+
+
+def test_unknown_sampler_names_the_key_and_every_valid_name(tmp_path):
+    valid = typing.get_args(typing.get_type_hints(SampleParams)["method"])
+    assert "ddpm" in valid and "ddim" in valid
+    path = write(tmp_path, "sample:\n  method: ddmp\n")
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert str(err.value) == (f"{path}: sample.method = 'ddmp' is not allowed; choose one of "
+                              + ", ".join(repr(name) for name in valid))
+
+
+@pytest.mark.parametrize("images, cap, expected", [
+    (50, 50, "train.batch_size = 64 is larger than the training set, 50 images "
+             "(preprocess.max_train_images = 50); use a train.batch_size of at most 50"),
+    (63, 0, "train.batch_size = 64 is larger than the training set, 63 images; use a "
+            "train.batch_size of at most 63"),
+])
+def test_batch_larger_than_the_training_set(images, cap, expected):
+    with pytest.raises(ParamsError) as err:
+        check_data_size(from_dict({"preprocess": {"max_train_images": cap}}), images)
+    assert str(err.value).startswith(expected)
+
+
+def test_batch_as_large_as_the_training_set_is_fine():
+    assert check_data_size(Params(), 64) is None
+
+
+def test_unet_and_scheduler_raise_the_config_rules_in_their_own_names():
+    """One source for each rule: the library classes report the config's check, with their own
+    argument names where params.yaml has dotted keys."""
+    from pipeline.noise_scheduler import NoiseScheduler
+    from pipeline.unet import UNet
+
+    shape = dict(base_channels=16, channel_mult=(1, 2, 2), attention_resolutions=(7,),
+                 num_heads=4, norm_groups=8)
+    expected = unet_problem(30, **shape)
+    assert expected.startswith("image_size=30 is not divisible by 2**(levels-1)=4")
+    with pytest.raises(ValueError) as err:
+        UNet(1, 30, **shape)
+    assert str(err.value) == expected
+    with pytest.raises(ValueError) as err:
+        NoiseScheduler(schedule="sigmoid", beta_start=0.2, beta_end=0.1)
+    assert str(err.value) == beta_problem("sigmoid", 0.2, 0.1)
+    assert str(err.value).startswith("beta_start=0.2 and beta_end=0.1")
+    with pytest.raises(ValueError) as err:
+        NoiseScheduler(rescale_zero_terminal_snr=True)
+    assert str(err.value) == zero_terminal_snr_problem(True, "epsilon", 1000)
+    NoiseScheduler(schedule="cosine", beta_start=0.2, beta_end=0.1)  # cosine ignores the betas
+
+
+def run_python(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_config_does_not_import_torch(tmp_path):
+    """Stages load params first; an error must come before torch's start-up time."""
+    done = run_python(tmp_path, "-c", "import sys, pipeline.config; print('torch' in sys.modules)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_preprocess_stage_stops_at_once_on_an_impossible_combination(tmp_path):
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)  # empty: it must not get that far
+    write(tmp_path, "preprocess:\n  image_size: 30\n  data_dir: data\nmodel:\n"
+                    "  attention_resolutions: [7]\n")
+    done = run_python(tmp_path, "-m", "stages.preprocess")
+    assert done.returncode != 0
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert lines[0].startswith("preprocess: error: params.yaml: preprocess.image_size=30 is not "
+                               "divisible by 2**(levels-1)=4, which model.channel_mult=[1, 2, 4]")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]

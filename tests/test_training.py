@@ -15,6 +15,7 @@ TINY = {"preprocess": {"image_size": 8, "channels": 1},
         "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4],
                   "num_heads": 2, "norm_groups": 4, "dropout": 0.1},
         "diffusion": {"num_timesteps": 50},
+        "sample": {"num_steps": 4},
         "train": {"steps": 6, "batch_size": 8, "lr": 0.002, "warmup_steps": 2, "log_every": 2,
                   "checkpoint_every": 2, "sample_every": 3, "grid_images": 4,
                   "grid_sampling_steps": 3, "precision": "fp32"}}
@@ -127,7 +128,8 @@ def test_history_csv_and_summary(tmp_path):
 def test_generate_is_seeded_and_writes_pngs(tmp_path):
     train(tiny_params(), tiny_data(), tmp_path, Recorder())
     trained = load_ema_model(tmp_path / "ema.pt", torch.device("cpu"))
-    p = from_dict({"sample": {"num_images": 5, "batch_size": 2, "num_steps": 4}}).sample
+    p = from_dict({"sample": {"num_images": 5, "batch_size": 2, "num_steps": 4},
+                   "evaluate": {"kid_subset_size": 5}}).sample
     images, steps = generate(trained, p, return_intermediates=True)
     again, _ = generate(trained, p)
     assert images.shape == (5, 1, 8, 8) and images.dtype == torch.uint8
