@@ -47,6 +47,10 @@ class Checkpoints:
         match = NAME.fullmatch(path.name)
         return match is not None and match.group(2) == self.identity[:ID_LENGTH]
 
+    def newest(self) -> Path | None:
+        """This run's newest checkpoint file."""
+        return next((p for p in self.paths() if self.ours(p)), None)
+
     def save(self, checkpoint: dict[str, Any], step: int) -> Path:
         """Write the checkpoint of `step`; then drop all but the newest KEEP of this run."""
         path = self.folder / f"step-{step:08d}-{self.identity[:ID_LENGTH]}.pt"

@@ -238,14 +238,16 @@ def check_finite(loss: float, grad_norm: float, step: int, p: TrainParams,
     """Stop at the first non-finite loss or gradient: the weights are garbage from here on."""
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
-    saved = checkpoints.paths()
-    kept = f"the last good checkpoint, {saved[0]}, is kept" if saved else "no checkpoint was written"
-    raise NonFiniteLoss(
-        f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}. Likely causes: "
-        f"a learning rate too high (train.lr = {p.lr:g}, warm-up train.warmup_steps = "
-        f"{p.warmup_steps}), no or loose gradient clipping (train.grad_clip = {p.grad_clip:g}), "
-        f"bf16 overflow (train.precision = {p.precision}; try fp32), or broken training images. "
-        f"Training stopped; {kept}")
+    causes = [f"a learning rate too high (train.lr = {p.lr:g}, train.warmup_steps = "
+              f"{p.warmup_steps})",
+              f"no or loose gradient clipping (train.grad_clip = {p.grad_clip:g})"]
+    if p.precision != "fp32":
+        causes.append(f"bf16 overflow (train.precision = {p.precision}; try fp32)")
+    causes.append("broken training images")
+    saved = checkpoints.newest()
+    kept = f"the last good checkpoint, {saved}, is kept" if saved else "no checkpoint was written"
+    raise NonFiniteLoss(f"training diverged at step {step}: loss {loss}, gradient norm "
+                        f"{grad_norm}. Likely causes: {'; '.join(causes)}. Training stopped; {kept}")
 
 
 class NewStepsOnly:
