@@ -48,6 +48,10 @@ class PreprocessParams:
     max_train_images: int = spec(0, low=0)  # 0 = all; else a random subset (quick experiments)
     max_reference_images: int = spec(10000, low=1)  # cap on the held-out set kept for evaluation
     seed: int = 0  # for the hold-out split and the reference subset
+    # A corrupt, truncated, non-image or too-small file, or an empty class folder: stop with an
+    # error naming it, or (skip) warn, leave it out and report the count.
+    on_bad_image: Literal["error", "skip"] = "error"
+    allow_upscale: bool = False  # enlarge images smaller than image_size; else they are bad images
 
 
 @dataclass(frozen=True)

@@ -5,25 +5,31 @@ format PIL reads). Each image is converted to the configured channel count, its 
 resized to `image_size` (bicubic; antialiased when shrinking) and centre-cropped to a square.
 The result is an `ImageSet`: uint8 images [N, C, H, W], int64 class labels [N] and class names,
 which is all that training and evaluation need and loads in a fraction of a second.
+A file that cannot be used (corrupt, truncated, not an image, smaller than `image_size` unless
+upscaling is allowed) and an empty class folder are errors that name them, or with
+`preprocess.on_bad_image: skip` warnings and a count of skipped files (`BadImages`).
 The model works in [-1, 1] (DDPM, Ho et al. 2020, sec. 3.3: pixels scaled linearly to [-1, 1]).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from pipeline.config import PreprocessParams
 from pipeline.io import save_torch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".pbm", ".bmp", ".gif", ".tif",
                   ".tiff", ".webp"}
+MAX_LISTED = 20  # skipped files named one line each on stderr; the rest are only counted
 
 
 class DataError(ValueError):
@@ -55,34 +61,91 @@ class ImageSet:
         return cls(data["images"], data["labels"], tuple(data["classes"]))
 
 
-def find_images(folder: Path) -> tuple[list[Path], list[str], list[str]]:
-    """Image files, their class names and the sorted class list of an ImageFolder tree.
+@dataclass
+class BadImages:
+    """What happens to an unusable file or class folder, per `preprocess.on_bad_image`.
 
-    Classes are the sub-folders that hold images; a folder with images but no class
-    sub-folders is one class named after the folder.
+    `error` raises the DataError that names it. `skip` leaves it out with a warning on stderr:
+    one line per file for the first `MAX_LISTED`, then only the count in `skipped`, so that a
+    folder of thousands of broken files does not flood the log.
+    """
+
+    policy: Literal["error", "skip"] = "error"
+    skipped: list[Path] = field(default_factory=list)  # every skipped file, listed or not
+
+    def file(self, path: Path, err: DataError) -> None:
+        if self.policy == "error":
+            raise err
+        self.skipped.append(path)
+        if len(self.skipped) <= MAX_LISTED:
+            warn(f"skipped {err}")
+        elif len(self.skipped) == MAX_LISTED + 1:
+            warn(f"more than {MAX_LISTED} bad files; the rest are skipped without a line each")
+
+    def empty_class(self, folder: Path, why: str) -> None:
+        if self.policy == "error":
+            raise DataError(f"{folder}: {why}; a class folder must hold images (remove it, or "
+                            "set preprocess.on_bad_image: skip)")
+        warn(f"{folder}: {why}; not used as a class")
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def find_images(folder: Path, bad: BadImages) -> tuple[list[Path], list[str]]:
+    """The files of an ImageFolder tree and their class names, sorted.
+
+    Classes are the sub-folders; a folder without sub-folders is one class named after it.
+    Every file in a class folder is returned, hidden dotfiles (.DS_Store) excepted, so that a
+    file which is not an image becomes a bad file when loaded rather than silently ignored.
+    Files next to the class folders (README.md, train.csv) are not data. An empty class folder
+    goes to `bad`.
     """
     if not folder.is_dir():
         raise DataError(f"{folder}: image folder not found")
-    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = sorted(d for d in visible(folder) if d.is_dir())
     files, names = [], []
     for class_dir in class_dirs or [folder]:
-        found = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(visible(class_dir))
+        if class_dirs and not found:
+            bad.empty_class(class_dir, "empty class folder")
         files += found
         names += [class_dir.name] * len(found)
     if not files:
         raise DataError(f"{folder}: no images found (expected {folder}/<class>/<image>, "
                         f"with suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return files, names, sorted(set(names))
+    return files, names
 
 
-def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """One image as uint8 [C, image_size, image_size]: converted, resized, centre-cropped."""
+def visible(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+
+
+def load_image(path: Path, image_size: int, channels: int,
+               allow_upscale: bool = False) -> np.ndarray:
+    """One image as uint8 [C, image_size, image_size]: converted, resized, centre-cropped.
+
+    Raises DataError naming the file if it is not an image, cannot be decoded in full, has a
+    mode without a defined 8-bit meaning, or (unless `allow_upscale`) is smaller than
+    `image_size` on its shorter side.
+    """
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise DataError(f"{path}: not an image file (expected one of the suffixes "
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+    # PIL's decoders signal corrupt data with many exception types (OSError, SyntaxError for
+    # a broken PNG chunk, ValueError, EOFError, struct.error, DecompressionBombError, ...).
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-    except (OSError, UnidentifiedImageError) as err:
+            image.load()  # open() reads only the header; a truncated file fails in the decode
+    except Exception as err:  # noqa: BLE001
         raise DataError(f"{path}: cannot read image: {err}") from err
     width, height = image.size
+    if min(width, height) < image_size and not allow_upscale:
+        raise DataError(f"{path}: {width}x{height} px is smaller than preprocess.image_size = "
+                        f"{image_size} on its shorter side; set preprocess.allow_upscale: true "
+                        "to enlarge such images")
+    image = to_8bit(path, image, channels)
     scale = image_size / min(width, height)
     if scale != 1:
         size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
@@ -94,32 +157,85 @@ def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
-def load_folder(folder: Path, image_size: int, channels: int,
-                classes: list[str] | None = None) -> ImageSet:
-    """Load an ImageFolder tree; with `classes` given, its class names must be among them."""
-    files, names, found = find_images(folder)
+def to_8bit(path: Path, image: Image.Image, channels: int) -> Image.Image:
+    """The image as 8-bit L (channels 1) or RGB (channels 3).
+
+    16-bit and 32-bit integer grey (modes I;16, I;16B, I;16L, I) is scaled from 0-65535 to
+    0-255; PIL's own conversion clips it at 255 instead. Transparent pixels are composited onto
+    black (`on_black`). 1-bit becomes 0/255; palette, CMYK, YCbCr and the rest convert via PIL.
+    """
+    if image.mode in ("F", "LAB"):  # PIL converts both without their meaning: float range, L*a*b*
+        raise DataError(f"{path}: cannot read image: mode {image.mode} is not supported; save "
+                        "it as 8- or 16-bit grey or RGB")
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image).astype(np.int64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise DataError(f"{path}: cannot read image: mode {image.mode} pixel values "
+                            f"{pixels.min()}..{pixels.max()} lie outside the 16-bit range 0..65535")
+        image = Image.fromarray(((pixels + 128) // 257).astype(np.uint8))  # round(v * 255 / 65535)
+    elif image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+        image = on_black(image)
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def on_black(image: Image.Image) -> Image.Image:
+    """RGB of the image composited over black: each channel times alpha, round(c * a / 255).
+
+    This is the premultiplied colour (Porter & Duff 1984), so a fully transparent pixel is 0
+    whatever colour it hides; black is also the background of MNIST-style data.
+    """
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)
+    rgb = (rgba[..., :3] * rgba[..., 3:] + 127) // 255
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def load_folder(folder: Path, image_size: int, channels: int, classes: list[str] | None = None,
+                allow_upscale: bool = False, bad: BadImages | None = None) -> ImageSet:
+    """Load an ImageFolder tree; with `classes` given, its class names must be among them.
+
+    Bad files and empty class folders go to `bad` (default: raise); a class whose files were
+    all skipped is left out. No usable image at all is always an error.
+    """
+    bad = bad or BadImages()
+    files, names = find_images(folder, bad)
+    arrays, kept = [], []
+    for path, name in zip(files, names):
+        try:
+            arrays.append(load_image(path, image_size, channels, allow_upscale))
+        except DataError as err:
+            bad.file(path, err)
+            continue
+        kept.append(name)
+    if not arrays:
+        raise DataError(f"{folder}: no usable images; all {len(files)} files were bad and skipped")
+    for name in sorted(set(names) - set(kept)):
+        bad.empty_class(folder / name, "every file was skipped")
+    found = sorted(set(kept))
     classes = classes or found
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{folder}: classes {unknown} do not occur in the training images "
                         f"(known: {classes})")
     index = {name: i for i, name in enumerate(classes)}
-    images = np.stack([load_image(f, image_size, channels) for f in files])
-    labels = torch.tensor([index[n] for n in names], dtype=torch.int64)
-    return ImageSet(torch.from_numpy(images), labels, tuple(classes))
+    labels = torch.tensor([index[n] for n in kept], dtype=torch.int64)
+    return ImageSet(torch.from_numpy(np.stack(arrays)), labels, tuple(classes))
 
 
-def build_datasets(p: PreprocessParams) -> tuple[ImageSet, ImageSet]:
-    """The training set and the held-out reference set that evaluation compares samples with."""
+def build_datasets(p: PreprocessParams) -> tuple[ImageSet, ImageSet, list[Path]]:
+    """The training set, the held-out reference set that evaluation compares samples with, and
+    the bad files skipped under `preprocess.on_bad_image: skip` (always empty under `error`)."""
     root = Path(p.data_dir)
     if not root.is_dir():
         raise DataError(f"preprocess.data_dir = '{p.data_dir}': folder not found. Get the default "
                         "data with `uv run python -m stages.get_data`, or point "
                         "preprocess.data_dir at your own ImageFolder tree")
     generator = torch.Generator().manual_seed(p.seed)
-    train = load_folder(root / p.train_split, p.image_size, p.channels)
+    bad = BadImages(p.on_bad_image)
+    train = load_folder(root / p.train_split, p.image_size, p.channels,
+                        allow_upscale=p.allow_upscale, bad=bad)
     if p.test_split:
-        held_out = load_folder(root / p.test_split, p.image_size, p.channels, list(train.classes))
+        held_out = load_folder(root / p.test_split, p.image_size, p.channels, list(train.classes),
+                               allow_upscale=p.allow_upscale, bad=bad)
     else:
         order = torch.randperm(len(train), generator=generator)
         n_held = max(1, round(p.holdout_fraction * len(train)))
@@ -128,7 +244,7 @@ def build_datasets(p: PreprocessParams) -> tuple[ImageSet, ImageSet]:
                             f"training images out of {len(train)}")
         train, held_out = train.subset(order[n_held:]), train.subset(order[:n_held])
     return (random_subset(train, p.max_train_images or len(train), generator),
-            random_subset(held_out, p.max_reference_images, generator))
+            random_subset(held_out, p.max_reference_images, generator), bad.skipped)
 
 
 def random_subset(images: ImageSet, size: int, generator: torch.Generator) -> ImageSet:

@@ -1,7 +1,8 @@
 """DVC stage `preprocess`: the image folder -> outputs/preprocess/{train,reference}.pt.
 
 Reads only `preprocess.*` params. The reference set is the held-out split that evaluate
-compares samples with.
+compares samples with. A bad image is a one-line error naming it, or, with
+`preprocess.on_bad_image: skip`, a warning on stderr and part of the skipped count printed here.
 """
 
 from pathlib import Path
@@ -15,12 +16,14 @@ OUT = Path("outputs/preprocess")
 
 def main() -> None:
     params = load_params().preprocess
-    train, reference = build_datasets(params)
+    train, reference, skipped = build_datasets(params)
     train.save(OUT / "train.pt")
     reference.save(OUT / "reference.pt")
     print(f"preprocess: {len(train)} training and {len(reference)} reference images, "
           f"{params.channels}x{params.image_size}x{params.image_size}, "
           f"{len(train.classes)} classes")
+    if params.on_bad_image == "skip":
+        print(f"preprocess: skipped {len(skipped)} bad files (preprocess.on_bad_image: skip)")
 
 
 if __name__ == "__main__":

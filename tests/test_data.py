@@ -1,5 +1,9 @@
-"""Image folders -> uint8 tensors: layout rules, resize/crop, splits, and pixel conversions."""
+"""Image folders -> uint8 tensors: layout, resize/crop, splits, bad images, pixel conversions."""
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +12,11 @@ import torch
 from PIL import Image
 
 from pipeline.config import PreprocessParams
-from pipeline.data import (DataError, ImageSet, build_datasets, find_images, grid_image,
-                           load_image, to_model_range, to_uint8)
+from pipeline.data import (MAX_LISTED, BadImages, DataError, ImageSet, build_datasets,
+                           find_images, grid_image, load_folder, load_image, to_model_range,
+                           to_uint8)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def save(path: Path, array: np.ndarray) -> None:
@@ -48,32 +55,32 @@ def test_load_image_converts_channels(tmp_path):
 
 
 def test_find_images_classes_and_flat_folder(tmp_path):
-    files, names, classes = find_images(folder(tmp_path / "a", {"7": 2, "3": 3}))
-    assert classes == ["3", "7"] and names.count("3") == 3 and len(files) == 5
+    files, names = find_images(folder(tmp_path / "a", {"7": 2, "3": 3}), BadImages())
+    assert names == ["3"] * 3 + ["7"] * 2
+    assert files[0] == tmp_path / "a" / "3" / "0.png" and len(files) == 5
     save(tmp_path / "flat" / "x.png", np.zeros((3, 3), np.uint8))
-    assert find_images(tmp_path / "flat")[2] == ["flat"]
+    assert find_images(tmp_path / "flat", BadImages())[1] == ["flat"]
 
 
-def test_missing_folder_and_bad_image_name_the_path(tmp_path):
+def test_missing_and_empty_folders_name_the_path(tmp_path):
     with pytest.raises(DataError, match="nowhere"):
-        find_images(tmp_path / "nowhere")
+        find_images(tmp_path / "nowhere", BadImages())
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no images found"):
-        find_images(tmp_path / "empty")
-    (tmp_path / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="broken.png"):
-        load_image(tmp_path / "broken.png", 4, 1)
+    for policy in ("error", "skip"):  # an empty data set is an error in either mode
+        with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: no images found"):
+            find_images(tmp_path / "empty", BadImages(policy))
 
 
 def test_build_datasets_with_test_split(tmp_path):
     folder(tmp_path / "train", {"0": 3, "1": 2})
     folder(tmp_path / "test", {"1": 1})
     p = PreprocessParams(data_dir=str(tmp_path), image_size=6, channels=1)
-    train, reference = build_datasets(p)
+    train, reference, skipped = build_datasets(p)
     assert train.images.shape == (5, 1, 6, 6) and train.images.dtype == torch.uint8
     assert train.labels.tolist() == [0, 0, 0, 1, 1]
     assert reference.classes == ("0", "1") and reference.labels.tolist() == [1]
     assert reference.images[0].unique().tolist() == [10]  # class index 1, image 0
+    assert skipped == []
 
 
 def test_test_split_with_an_unknown_class_is_refused(tmp_path):
@@ -87,11 +94,11 @@ def test_holdout_split_is_disjoint_seeded_and_capped(tmp_path):
     folder(tmp_path / "all", {"0": 10, "1": 10})
     p = PreprocessParams(data_dir=str(tmp_path / "all"), train_split="", test_split="",
                          holdout_fraction=0.25, image_size=6, max_train_images=12)
-    train, reference = build_datasets(p)
+    train, reference, _ = build_datasets(p)
     assert len(reference) == 5 and len(train) == 12
     pixel_values = lambda s: {int(v) for v in s.images[:, 0, 0, 0]}  # noqa: E731
     assert not pixel_values(train) & pixel_values(reference)  # every image is unique
-    again_train, again_reference = build_datasets(p)
+    again_train, again_reference, _ = build_datasets(p)
     assert torch.equal(train.images, again_train.images)
     assert torch.equal(reference.images, again_reference.images)
 
@@ -99,6 +106,217 @@ def test_holdout_split_is_disjoint_seeded_and_capped(tmp_path):
 def test_missing_data_dir_says_how_to_get_data(tmp_path):
     with pytest.raises(DataError, match=r"preprocess.data_dir.*stages.get_data"):
         build_datasets(PreprocessParams(data_dir=str(tmp_path / "none")))
+
+
+# --- bad files: each is an error naming it, or with on_bad_image: skip a warning and a count ---
+
+def at(path: Path) -> str:
+    """Regex: a message that starts with this path."""
+    return "^" + re.escape(str(path))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_truncated_image_is_found_by_the_full_decode(tmp_path, suffix):
+    path = tmp_path / f"cut{suffix}"
+    array = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(array).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with Image.open(path) as lazy:
+        assert lazy.size == (64, 64)  # the header alone opens fine: only decoding finds the cut
+    with pytest.raises(DataError, match=at(path) + ": cannot read image: .*truncated"):
+        load_image(path, 64, 1)
+
+
+def test_corrupt_file_and_image_suffix_on_a_non_image(tmp_path):
+    save(tmp_path / "corrupt.png", np.random.default_rng(0).integers(0, 256, (32, 32), np.uint8))
+    data = bytearray((tmp_path / "corrupt.png").read_bytes())
+    data[60:80] = bytes(20)  # zero a stretch of the compressed pixel data (IDAT starts at 41)
+    (tmp_path / "corrupt.png").write_bytes(bytes(data))
+    (tmp_path / "text.png").write_text("not a png")
+    with pytest.raises(DataError, match=at(tmp_path / "corrupt.png") + ": cannot read image: "):
+        load_image(tmp_path / "corrupt.png", 8, 1)
+    text = at(tmp_path / "text.png") + ": cannot read image: cannot identify image file"
+    with pytest.raises(DataError, match=text):
+        load_image(tmp_path / "text.png", 8, 1)
+
+
+def test_non_image_in_class_folder_is_bad_but_dotfiles_and_top_level_files_are_not(tmp_path):
+    # The MNIST mirror's layout: README.md and train.csv next to the split folders.
+    folder(tmp_path / "train", {"0": 2, "1": 1})
+    folder(tmp_path / "test", {"0": 1})
+    for name in ("README.md", "train.csv", "LICENSE", "train/notes.md", "train/0/.DS_Store"):
+        (tmp_path / name).write_text("x")
+    p = PreprocessParams(data_dir=str(tmp_path), image_size=6)
+    assert len(build_datasets(p)[0]) == 3  # files next to class folders, and dotfiles, are fine
+    (tmp_path / "train" / "1" / "labels.txt").write_text("1")
+    labels = at(tmp_path / "train" / "1" / "labels.txt")
+    with pytest.raises(DataError, match=labels + r": not an image file \(expected one of .*\.png"):
+        build_datasets(p)
+
+
+def test_skip_mode_warns_per_file_counts_and_keeps_the_good_images(tmp_path, capsys):
+    folder(tmp_path / "train", {"0": 2, "1": 1})
+    folder(tmp_path / "test", {"0": 1})
+    bad = [tmp_path / "train" / "1" / "zz.txt", tmp_path / "test" / "0" / "zz.png"]
+    for path in bad:
+        path.write_text("garbage")
+    p = PreprocessParams(data_dir=str(tmp_path), image_size=6, on_bad_image="skip")
+    train, reference, skipped = build_datasets(p)
+    assert skipped == bad
+    assert train.labels.tolist() == [0, 0, 1] and len(reference) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"warning: skipped {bad[0]}: not an image file (expected one of")
+    assert lines[1] == (f"warning: skipped {bad[1]}: cannot read image: cannot identify image "
+                        f"file '{bad[1]}'")
+
+
+def test_skip_mode_names_the_first_files_then_only_counts(tmp_path, capsys):
+    folder(tmp_path / "c", {"0": 1})
+    for i in range(MAX_LISTED + 5):
+        (tmp_path / "c" / "0" / f"bad{i:02d}.txt").write_text("x")
+    bad = BadImages("skip")
+    images = load_folder(tmp_path / "c", 6, 1, bad=bad)
+    assert len(images) == 1 and len(bad.skipped) == MAX_LISTED + 5
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == MAX_LISTED + 1
+    assert f"bad{MAX_LISTED - 1:02d}.txt" in lines[MAX_LISTED - 1]
+    assert lines[-1] == (f"warning: more than {MAX_LISTED} bad files; the rest are skipped "
+                         "without a line each")
+
+
+def test_empty_class_folder_is_an_error_or_skipped_as_a_class(tmp_path, capsys):
+    folder(tmp_path / "d", {"0": 1, "2": 1})
+    (tmp_path / "d" / "1").mkdir()
+    (tmp_path / "d" / "3").mkdir()
+    (tmp_path / "d" / "3" / "broken.png").write_text("x")
+    with pytest.raises(DataError, match=at(tmp_path / "d" / "1") + ": empty class folder"):
+        load_folder(tmp_path / "d", 6, 1)
+    bad = BadImages("skip")
+    images = load_folder(tmp_path / "d", 6, 1, bad=bad)
+    assert images.classes == ("0", "2") and images.labels.tolist() == [0, 1]
+    assert bad.skipped == [tmp_path / "d" / "3" / "broken.png"]
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'd' / '1'}: empty class folder; not used as a class" in err
+    assert f"warning: {tmp_path / 'd' / '3'}: every file was skipped; not used as a class" in err
+
+
+def test_data_set_with_every_file_skipped_is_an_error(tmp_path):
+    for name in ("a/x.png", "b/y.txt"):
+        (tmp_path / "e" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "e" / name).write_text("x")
+    with pytest.raises(DataError, match=at(tmp_path / "e") + ": no usable images; all 2 files"):
+        load_folder(tmp_path / "e", 6, 1, bad=BadImages("skip"))
+
+
+def test_image_smaller_than_image_size_is_bad_unless_upscaling_is_allowed(tmp_path):
+    save(tmp_path / "small.png", np.full((10, 12), 77, np.uint8))
+    small = at(tmp_path / "small.png") + ": 12x10 px is smaller than preprocess.image_size = 16 "
+    with pytest.raises(DataError, match=small + ".*allow_upscale: true"):
+        load_image(tmp_path / "small.png", 16, 1)
+    out = load_image(tmp_path / "small.png", 16, 1, allow_upscale=True)
+    assert out.shape == (1, 16, 16) and (out == 77).all()  # a flat image stays flat
+    assert load_image(tmp_path / "small.png", 10, 1).shape == (1, 10, 10)  # equal is not smaller
+
+
+# --- image modes: every one becomes 8-bit grey or RGB with the values the math gives ---
+
+def test_one_bit_image_is_0_or_255(tmp_path):
+    Image.fromarray(np.array([[True, False], [False, True]])).save(tmp_path / "bits.png")
+    assert Image.open(tmp_path / "bits.png").mode == "1"
+    assert load_image(tmp_path / "bits.png", 2, 1)[0].tolist() == [[255, 0], [0, 255]]
+
+
+def test_palette_with_and_without_transparency(tmp_path):
+    image = Image.new("P", (3, 3))
+    image.putpalette([200, 100, 50, 0, 0, 255, 9, 9, 9])
+    image.putdata([0, 1, 2] * 3)  # every row: palette entries 0, 1, 2
+    image.save(tmp_path / "plain.png")
+    image.save(tmp_path / "clear.png", transparency=2)  # entry 2 (hidden colour 9, 9, 9) is clear
+    assert load_image(tmp_path / "plain.png", 3, 3)[:, 0].tolist() == [[200, 0, 9], [100, 0, 9],
+                                                                     [50, 255, 9]]
+    assert load_image(tmp_path / "clear.png", 3, 3)[:, 0].tolist() == [[200, 0, 0], [100, 0, 0],
+                                                                     [50, 255, 0]]
+
+
+def test_alpha_is_composited_onto_black_whatever_the_hidden_colour(tmp_path):
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (200, 100, 50, 255)  # opaque: unchanged
+    rgba[0, 1] = (200, 100, 50, 128)  # half: round(c * 128 / 255)
+    rgba[1, 0] = (255, 255, 255, 0)  # clear, hiding white: black
+    rgba[1, 1] = (17, 230, 99, 0)  # clear, hiding another colour: black too
+    save(tmp_path / "rgba.png", rgba)
+    out = load_image(tmp_path / "rgba.png", 2, 3)
+    assert out[:, 0, 0].tolist() == [200, 100, 50]
+    assert out[:, 0, 1].tolist() == [round(200 * 128 / 255), round(100 * 128 / 255),
+                                     round(50 * 128 / 255)]  # 100, 50, 25
+    assert (out[:, 1] == 0).all()
+    la = np.array([[[240, 255], [240, 64]], [[255, 0], [3, 0]]], np.uint8)  # (grey, alpha)
+    save(tmp_path / "la.png", la)
+    assert Image.open(tmp_path / "la.png").mode == "LA"
+    assert load_image(tmp_path / "la.png", 2, 1)[0].tolist() == [[240, round(240 * 64 / 255)],
+                                                                 [0, 0]]
+
+
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 128, 129, 257], [32768, 65279, 65534, 65535]], np.uint16)
+    expected = np.round(values / 65535 * 255).astype(int).tolist()  # [[0, 0, 1, 1], [128, ...]]
+    save(tmp_path / "grey16.png", values)
+    Image.frombytes("I;16B", (4, 2), values.astype(">u2").tobytes()).save(tmp_path / "big.tif")
+    save(tmp_path / "int32.tif", values.astype(np.int32))
+    for name, mode in (("grey16.png", "I;16"), ("big.tif", "I;16B"), ("int32.tif", "I")):
+        assert Image.open(tmp_path / name).mode == mode
+        out = load_image(tmp_path / name, 2, 1)  # 4x2 at size 2: no resize, the middle columns
+        assert out[0].tolist() == [row[1:3] for row in expected], mode
+    assert load_image(tmp_path / "grey16.png", 2, 3)[:, 1, 1].tolist() == [255] * 3
+
+
+def test_modes_without_an_8_bit_meaning_are_bad_images(tmp_path):
+    save(tmp_path / "neg.tif", np.array([[-1, 70000]], np.int32))
+    negative = at(tmp_path / "neg.tif") + r": cannot read image: mode I pixel values -1\.\.70000 "
+    with pytest.raises(DataError, match=negative + "lie outside the 16-bit range"):
+        load_image(tmp_path / "neg.tif", 1, 1)
+    save(tmp_path / "float.tif", np.array([[0.5]], np.float32))
+    with pytest.raises(DataError, match=at(tmp_path / "float.tif") + ": .*mode F is not supported"):
+        load_image(tmp_path / "float.tif", 1, 1)
+
+
+def test_cmyk_converts_to_rgb(tmp_path):
+    cmyk = np.array([[[0, 0, 0, 0], [255, 0, 0, 0]], [[0, 255, 255, 0], [0, 0, 0, 255]]], np.uint8)
+    Image.fromarray(cmyk, mode="CMYK").save(tmp_path / "cmyk.tif")
+    out = load_image(tmp_path / "cmyk.tif", 2, 3)
+    # R = (255 - K) * (1 - C / 255), and so on: white, cyan, red, black
+    assert out.transpose(1, 2, 0).tolist() == [[[255, 255, 255], [0, 255, 255]],
+                                               [[255, 0, 0], [0, 0, 0]]]
+
+
+# --- the preprocess stage as a user runs it: one line on error, the count when skipping ---
+
+def run_preprocess(tmp_path: Path, on_bad_image: str) -> subprocess.CompletedProcess:
+    folder(tmp_path / "data" / "train", {"0": 2, "1": 2}, size=8)
+    (tmp_path / "data" / "train" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "params.yaml").write_text(
+        f"preprocess:\n  test_split: ''\n  image_size: 8\n  on_bad_image: {on_bad_image}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "stages.preprocess"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_preprocess_stage_reports_a_broken_image_in_one_line(tmp_path):
+    result = run_preprocess(tmp_path, "error")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"preprocess: error: data/train/1/broken.png: cannot read "
+                                     "image: cannot identify image file "
+                                     "'data/train/1/broken.png'")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_preprocess_stage_skips_and_counts_a_broken_image(tmp_path):
+    result = run_preprocess(tmp_path, "skip")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("warning: skipped data/train/1/broken.png: cannot read image")
+    assert "preprocess: skipped 1 bad files (preprocess.on_bad_image: skip)" in result.stdout
+    assert len(ImageSet.load(tmp_path / "outputs" / "preprocess" / "train.pt")) == 3  # 4 - 1 held
 
 
 def test_image_set_save_load_roundtrip(tmp_path):
