@@ -56,7 +56,8 @@ class Checkpoints:
         path = self.folder / f"step-{step:08d}-{self.identity[:ID_LENGTH]}.pt"
         save_torch({"identity": self.identity, **checkpoint}, path)
         keep = [p for p in self.paths() if self.ours(p)][:KEEP]
-        for old in set(self.paths()) - set(keep):
+        torn = self.folder.glob(".step-*.tmp")  # left by writes that a SIGKILL cut short
+        for old in (set(self.paths()) - set(keep)) | set(torn):
             old.unlink()
         return path
 
