@@ -129,6 +129,7 @@ class EvaluateParams:
 class TrackingParams:
     uri: str = ""  # "" = sqlite:///mlflow.db in the project root; MLFLOW_TRACKING_URI wins
     experiment: str = "simple-diffusion"
+    required: bool = True  # an unreachable store stops the stage; false: go on, NOT tracked
 
 
 @dataclass(frozen=True)

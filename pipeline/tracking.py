@@ -11,13 +11,30 @@ The training run holds all params under their dotted `dvc exp run -S` keys, the 
 and sample grids by step, tags with the git commit and the DVC experiment name (also its run
 name). Each evaluation is a nested run that records the sampling settings and the metrics, and
 the training run gets the latest evaluation's metrics and final samples grid.
+
+`connect` checks the store before anything else happens: an MLflow server must answer within
+seconds (MLflow's client would retry for minutes), a SQLite store's folder must be writable.
+If not, it raises `TrackingUnavailable` naming the URI, or, with `tracking.required: false`,
+says that the run is NOT tracked and returns an `Untracked` stand-in with the same methods.
+URIs are printed and logged only through `redact`, which masks credentials.
+
+Queued experiments write to one SQLite store at once. MLflow waits up to 20 s for the database
+lock (`PRAGMA busy_timeout`, mlflow/store/db/utils.py), which is plenty for the milliseconds a
+write holds it; but in SQLite's default rollback-journal mode a write also waits until every
+reader has finished, so a reader (`mlflow ui`, another stage) can hold up training and, past
+20 s, fail it with "database is locked". The store is therefore switched to write-ahead logging
+(WAL, https://sqlite.org/wal.html), where readers and the one writer do not block each other.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sqlite3
 import subprocess
+import sys
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +42,26 @@ from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
 from PIL import Image
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config import Params, TrackingParams, flatten
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: nests a run under another in the UI
+REACH_TIMEOUT_S = 5  # an MLflow server that has not answered by then counts as unreachable
+_USERINFO = re.compile(r"(?<=://)[^/\s?#]*@")  # user:password@ (greedy: a password may hold @)
+_QUERY_VALUE = re.compile(r"([?&][^=&#\s]+=)[^&#\s]*")  # ?token=..., &password=...
+
+
+class TrackingUnavailable(ValueError):
+    """The tracking store cannot be used (a ValueError: stages print it as one line)."""
+
+
+def redact(text: str) -> str:
+    """`text` with the user info and query-string values of every URI in it masked."""
+    return _QUERY_VALUE.sub(r"\1***", _USERINFO.sub("***@", text))
 
 
 def project_root() -> Path:
@@ -64,24 +96,93 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def connect(p: TrackingParams) -> Tracker | Untracked:
+    """The project's tracker. An unusable store raises TrackingUnavailable, unless tracking is
+    optional (`tracking.required: false`): then this says so and returns the `Untracked` one."""
+    try:
+        return Tracker(p)
+    except TrackingUnavailable as err:
+        if p.required:
+            raise
+        print(f"tracking: {err}; this run is NOT tracked (tracking.required is false)",
+              file=sys.stderr)
+        return Untracked(redact(tracking_uri(p)))
+
+
+def check_store(uri: str) -> None:
+    """Raise TrackingUnavailable unless an http(s) store answers, or a SQLite store's folder is
+    writable. Other stores (PostgreSQL, file:) answer for themselves at the first request."""
+    if uri.startswith(("http:", "https:")):
+        problem = _server_problem(uri)
+    elif uri.startswith("sqlite:"):
+        problem = _sqlite_problem(_sqlite_path(uri))
+    else:
+        problem = None
+    if problem:
+        raise TrackingUnavailable(f"MLflow tracking store {redact(uri)} is unreachable: {problem}")
+
+
+def _server_problem(uri: str) -> str | None:
+    # MLflow's own request helper, so its auth and TLS settings (MLFLOW_TRACKING_TOKEN, ...)
+    # apply; without retries, which by default take minutes on a server that is down.
+    try:
+        response = http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0,
+                                backoff_factor=0, timeout=REACH_TIMEOUT_S, raise_on_status=False)
+    except MlflowException as err:
+        return redact(err.message)
+    return f"/health answers HTTP {response.status_code}" if response.status_code >= 500 else None
+
+
+def _sqlite_path(uri: str) -> Path:
+    return Path(uri.removeprefix("sqlite:").removeprefix("///"))
+
+
+def _sqlite_problem(database: Path) -> str | None:
+    # MLflow creates missing folders, so the nearest existing one must take new files (SQLite
+    # writes its journal beside the database).
+    folder = next(f for f in [database.parent, *database.parent.parents] if f.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot create files in {folder}"
+    if database.exists() and not os.access(database, os.W_OK):
+        return f"{database} is read-only"
+    return None
+
+
+def use_write_ahead_log(database: Path) -> None:
+    """Switch a SQLite store to WAL mode (kept in the file): readers stop holding up writes."""
+    with closing(sqlite3.connect(database, timeout=60)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+
+
 class Tracker:
-    """An MLflow client bound to the project's store and experiment."""
+    """An MLflow client bound to the project's store and experiment.
+
+    `uri` is the store's URI with credentials masked: the one to print."""
 
     def __init__(self, p: TrackingParams) -> None:
-        self.uri = tracking_uri(p)
-        self.client = MlflowClient(self.uri)
-        self.experiment_id = self._experiment(p.experiment)
+        uri = tracking_uri(p)
+        check_store(uri)
+        self.uri = redact(uri)
+        try:
+            self.client, self.experiment_id = self._connect(uri, p.experiment)
+        except (MlflowException, SQLAlchemyError, OSError) as err:
+            raise TrackingUnavailable(
+                f"MLflow tracking store {self.uri} cannot be used: {redact(str(err))}") from None
 
-    def _experiment(self, name: str) -> str:
-        # Queued experiments start side by side: the first contact creates the database and the
-        # experiment, which two processes must not do at once.
+    def _connect(self, uri: str, experiment: str) -> tuple[MlflowClient, str]:
+        # Queued experiments start side by side: the first contact creates the database (the
+        # client does, when it is made) and the experiment, which two processes must not do at
+        # once.
         with FileLock(str(project_root() / ".mlflow.lock"), timeout=600):
-            experiment = self.client.get_experiment_by_name(name)
-            if experiment is not None:
-                return experiment.experiment_id
-            local = self.uri.startswith("sqlite:") or self.uri.startswith("file:")
+            client = MlflowClient(uri)
+            if uri.startswith("sqlite:"):
+                use_write_ahead_log(_sqlite_path(uri))
+            found = client.get_experiment_by_name(experiment)
+            if found is not None:
+                return client, found.experiment_id
+            local = uri.startswith(("sqlite:", "file:"))
             location = (project_root() / "mlartifacts").as_uri() if local else None
-            return self.client.create_experiment(name, artifact_location=location)
+            return client, client.create_experiment(experiment, artifact_location=location)
 
     def training_run(self, params: Params, run_id: str | None = None) -> Run:
         """Continue run `run_id` (a resumed training) if it exists, else start one."""
@@ -91,7 +192,7 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, tags=run_tags(),
                                      run_name=os.environ.get("DVC_EXP_NAME") or None)
         result = Run(self.client, run.info.run_id)
-        result.log_params(flatten(params))
+        result.log_params({**flatten(params), "tracking.uri": redact(params.tracking.uri)})
         return result
 
     def evaluation_run(self, parent_id: str | None, params: dict[str, Any]) -> Run:
@@ -158,3 +259,56 @@ class Run:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.id, status)
+
+    def last_step(self, key: str) -> int | None:
+        """The largest step logged for metric `key` in this run, None if none: a resumed
+        training logs only later steps, so each point is in the run exactly once."""
+        return max((m.step for m in self.client.get_metric_history(self.id, key)), default=None)
+
+
+class Untracked:
+    """Stands in for the Tracker when the store is unreachable and tracking is optional."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def training_run(self, params: Params, run_id: str | None = None) -> UntrackedRun:
+        return UntrackedRun()
+
+    def evaluation_run(self, parent_id: str | None, params: dict[str, Any]) -> UntrackedRun:
+        return UntrackedRun()
+
+    def run(self, run_id: str | None) -> None:
+        return None
+
+    def record_evaluation(self, training_run_id: str | None, step: int, settings: dict[str, Any],
+                          metrics: dict[str, float], images: list[Path], tags: dict[str, str]
+                          ) -> UntrackedRun:
+        return UntrackedRun()
+
+
+class UntrackedRun:
+    """A Run that records nothing; its id is None, so no checkpoint names a run to continue."""
+
+    id = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, image: Image.Image, key: str, step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+    def last_step(self, key: str) -> int | None:
+        return None

@@ -14,7 +14,7 @@ from pipeline.config import Params, load_params
 from pipeline.data import ImageSet, load_folder
 from pipeline.io import save_json
 from pipeline.metrics import domain_metrics, inception_metrics
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, Untracked, connect
 from stages import run
 
 OUT = Path("outputs/evaluate")
@@ -22,6 +22,7 @@ OUT = Path("outputs/evaluate")
 
 def main() -> None:
     params = load_params()
+    tracker = connect(params.tracking)  # an unreachable store fails here, not after the metrics
     p = params.evaluate
     train = ImageSet.load("outputs/preprocess/train.pt")
     reference = ImageSet.load("outputs/preprocess/reference.pt")
@@ -37,18 +38,19 @@ def main() -> None:
         inception_metrics(samples, reference.images, p.inception_weights, **common)
     metrics.update(inception)
     save_json(metrics, OUT / "metrics.json")
-    log_to_mlflow(params, metrics, skipped)
+    log_to_mlflow(tracker, params, metrics, skipped)
     print(f"evaluate: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")
     if skipped:
         print(f"evaluate: Inception FID/KID skipped: {skipped}")
 
 
-def log_to_mlflow(params: Params, metrics: dict[str, float], skipped: str | None) -> None:
+def log_to_mlflow(tracker: Tracker | Untracked, params: Params, metrics: dict[str, float],
+                  skipped: str | None) -> None:
     saved = torch.load("outputs/train/ema.pt", map_location="cpu", weights_only=True)
     settings = {f"{section}.{k}": v for section in ("sample", "evaluate")
                 for k, v in asdict(getattr(params, section)).items()}
     status = {"inception_metrics": f"skipped: {skipped}" if skipped else "computed"}
-    Tracker(params.tracking).record_evaluation(
+    tracker.record_evaluation(
         saved["run_id"], saved["step"], settings, metrics,
         [Path("outputs/sample/grid.png"), Path("outputs/sample/progression.png")], status)
 
