@@ -261,9 +261,14 @@ class Run:
         self.client.set_terminated(self.id, status)
 
     def last_step(self, key: str) -> int | None:
-        """The largest step logged for metric `key` in this run, None if none: a resumed
+        """The largest step logged under `key` in this run, as a metric or an image series
+        (log_image names its files images/<key>+step+<step>+...), None if none: a resumed
         training logs only later steps, so each point is in the run exactly once."""
-        return max((m.step for m in self.client.get_metric_history(self.id, key)), default=None)
+        steps = [m.step for m in self.client.get_metric_history(self.id, key)]
+        image = re.compile(rf"images/{re.escape(key)}\+step\+(\d+)\+")
+        steps += [int(m.group(1)) for a in self.client.list_artifacts(self.id, "images")
+                  if (m := image.match(a.path))]
+        return max(steps, default=None)
 
 
 class Untracked:

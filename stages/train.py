@@ -13,7 +13,7 @@ from pipeline.checkpoint import Checkpoints
 from pipeline.config import check_data_size, load_params
 from pipeline.data import ImageSet
 from pipeline.io import save_json
-from pipeline.tracking import Tracker
+from pipeline.tracking import connect
 from pipeline.training import Interrupted, fingerprint, save_history, summary, train
 from pipeline.unet import build_model, count_parameters
 from stages import run
@@ -25,8 +25,8 @@ def main() -> None:
     params = load_params()
     data = ImageSet.load("outputs/preprocess/train.pt")
     check_data_size(params, len(data))
+    tracker = connect(params.tracking)  # an unreachable store fails here, before any work
     checkpoints = Checkpoints(OUT / "checkpoints", fingerprint(params, data))
-    tracker = Tracker(params.tracking)
     mlflow_run = tracker.training_run(params, checkpoints.run_id())
     checkpoints.set_run_id(mlflow_run.id)  # a kill before the first checkpoint keeps this run too
     print(f"train: MLflow run {mlflow_run.id} in {tracker.uri}")
