@@ -113,14 +113,14 @@ def _ddim_update(alpha_bar: float, alpha_bar_prev: float, eta: float) -> Update:
     return Update(coef_x0, coef_xt, sigma)
 
 
-def _log_snr_half(alpha_bar: float) -> float:
+def _half_log_snr(alpha_bar: float) -> float:
     """lambda = log(sqrt(abar) / sqrt(1 - abar)) for abar < 1; -infinity at zero terminal SNR."""
     return 0.5 * math.log(alpha_bar / (1 - alpha_bar)) if alpha_bar > 0 else -math.inf
 
 
 def _second_order(updates: list[Update], alpha_bars: list[float]) -> list[Update]:
     """DPM-Solver++(2M): every step but the first and the last extrapolates x0_hat (c = h / 2 h_last)."""
-    lambdas = [_log_snr_half(a) for a in alpha_bars[:-1]]  # the last level, 1, is lambda = infinity
+    lambdas = [_half_log_snr(a) for a in alpha_bars[:-1]]  # the last level, 1, is lambda = infinity
     for i in range(1, len(updates) - 1):
         h, h_last = lambdas[i + 1] - lambdas[i], lambdas[i] - lambdas[i - 1]
         # h_last is infinite after a start at zero terminal SNR: c = 0 there, a first-order step.
