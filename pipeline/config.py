@@ -92,11 +92,15 @@ class TrainParams:
     grid_images: int = spec(64, low=1)
     grid_sampling_steps: int = spec(25, low=1)  # DDIM steps for the periodic grids
     seed: int = 0
+    # Classifier-free guidance training: each label becomes the null class with this probability.
+    cond_drop_prob: float = spec(0.0, low=0.0, high=1.0, high_open=True)
+    min_snr_gamma: float = spec(0.0, low=0.0)  # Min-SNR-gamma loss weighting; 0 = off
+    offset_noise: float = spec(0.0, low=0.0)  # strength of the per-channel noise offset; 0 = off
 
 
 @dataclass(frozen=True)
 class SampleParams:
-    method: Literal["ddpm", "ddim"] = "ddpm"
+    method: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddpm"
     num_steps: int = spec(100, low=1)
     eta: float = spec(0.0, low=0.0, high=1.0)  # DDIM: 0 deterministic, 1 DDPM-like
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
@@ -105,6 +109,8 @@ class SampleParams:
     num_images: int = spec(1000, low=2)
     batch_size: int = spec(250, low=1)
     seed: int = 0
+    guidance_scale: float = spec(0.0, low=0.0)  # classifier-free guidance w (Ho & Salimans eq. 6)
+    classes: tuple[str, ...] = ()  # class names to draw, uniformly; () = all classes
 
 
 @dataclass(frozen=True)
@@ -214,9 +220,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                               f"{', '.join(repr(c) for c in choices)}")
         return value
     if origin is tuple:
+        item = typing.get_args(hint)[0]
         if not isinstance(value, (list, tuple)):
-            raise ParamsError(f"{key} = {value!r} must be a list of integers, e.g. [1, 2, 2]")
-        return tuple(_coerce(f"{key}[{i}]", v, int) for i, v in enumerate(value))
+            kind = "integers, e.g. [1, 2, 2]" if item is int else "names, e.g. [cat, dog]"
+            raise ParamsError(f"{key} = {value!r} must be a list of {kind}")
+        return tuple(_coerce(f"{key}[{i}]", _name(v) if item is str else v, item)
+                     for i, v in enumerate(value))
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -232,6 +241,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         raise ParamsError(f"{key} = {value!r} must be a string")
     raise TypeError(f"{key}: unsupported params type {hint!r}")  # a bug in this module, not input
+
+
+def _name(value: Any) -> Any:
+    # Folder names such as MNIST's 3 and 7 read as integers in YAML (`-S sample.classes=[3,7]`).
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _as_float(key: str, value: Any) -> float:

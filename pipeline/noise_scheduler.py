@@ -4,7 +4,8 @@
 q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) and what follows from it:
 alpha_t = 1 - beta_t and abar_t = prod_{s <= t} alpha_s. Training uses :meth:`add_noise` and
 :meth:`get_target`; sampling uses :meth:`predict_x0` / :meth:`predict_noise` and the posterior
-q(x_{t-1} | x_t, x_0).
+q(x_{t-1} | x_t, x_0). Two training options act on the noise and the loss: :func:`offset_noise` and
+:func:`min_snr_weights`.
 
 Timesteps are zero-based: index t in {0, ..., T-1} is step t + 1 of the DDPM paper. Index t = -1
 stands for the clean data (abar = 1), the level a sampler reaches after its last step.
@@ -25,6 +26,9 @@ References:
             arXiv:2202.00512 (v-prediction).
     [ZSNR]  Lin, Liu, Li, Yang 2023, "Common Diffusion Noise Schedules and Sample Steps are
             Flawed", arXiv:2305.08891 (zero terminal SNR).
+    [MinSNR] Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy",
+            arXiv:2303.09556.
+    [Offset] Guttenberg 2023, "Diffusion with Offset Noise", crosslabs.org/blog/diffusion-with-offset-noise.
 """
 
 from __future__ import annotations
@@ -123,6 +127,33 @@ def posterior_coefficients(
     coef_xt = alpha**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar)
     variance = beta * (1 - alpha_bar_prev) / (1 - alpha_bar) if variance_type == "fixed_small" else beta
     return coef_x0, coef_xt, variance
+
+
+def min_snr_weights(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """Min-SNR-gamma loss weights (MinSNR) of the MSE on the ``prediction_type`` target, per SNR.
+
+    MinSNR weighs the loss in x0 space by min(SNR, gamma), so that low-noise steps, which are easy
+    and would dominate the gradient, count no more than those at SNR = gamma. The MSE on the noise
+    is SNR times the x0 one, and the MSE on v is (SNR + 1) times it, so the same weighting reads
+    min(SNR, gamma) / SNR for "epsilon", min(SNR, gamma) for "sample", min(SNR, gamma) / (SNR + 1)
+    for "v_prediction".
+    """
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "epsilon":
+        return (gamma / snr).clamp(max=1.0)  # = min(SNR, gamma) / SNR, and its limit 1 at SNR = 0
+    clipped = snr.clamp(max=gamma)
+    return clipped if prediction_type == "sample" else clipped / (snr + 1)
+
+
+def offset_noise(noise: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
+    """Offset noise (Offset): ``noise`` plus ``strength`` times one N(0, 1) value per image and channel.
+
+    Gaussian noise per pixel barely changes an image's mean colour, so a model trained with it
+    cannot learn to change that mean either (its samples stay near mid-grey on average); the shared
+    offset per channel adds that low-frequency component to the forward process.
+    """
+    offset = torch.randn(noise.shape[:2], generator=generator, device=noise.device)
+    return noise + strength * offset.view(*noise.shape[:2], *[1] * (noise.ndim - 2))
 
 
 def _broadcast(values: Tensor, like: Tensor) -> Tensor:

@@ -40,11 +40,11 @@ from PIL import Image
 
 from pipeline.config import Params, TrainParams, to_dict
 from pipeline.data import ImageSet, grid_image, to_model_range, to_uint8
-from pipeline.ema import EMA
 from pipeline.checkpoint import Checkpoints, random_states, restore_random_states
+from pipeline.ema import EMA
 from pipeline.io import atomic_path, save_torch
-from pipeline.noise_scheduler import NoiseScheduler
-from pipeline.sampler import sample
+from pipeline.noise_scheduler import NoiseScheduler, min_snr_weights, offset_noise
+from pipeline.sampler import drop_labels, sample
 from pipeline.unet import UNet, build_model
 
 # What a checkpoint is a checkpoint of (with the training images): resume only when they match.
@@ -181,7 +181,10 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
             index = torch.randint(len(images), (p.batch_size,), generator=generator, device=device)
             batch_labels = labels[index] if model.num_classes else None
             loss, grad_norm = train_step(model, scheduler, optimizer, to_model_range(images[index]),
-                                         batch_labels, generator, p.grad_clip, bf16)
+                                         batch_labels, generator, p.grad_clip, bf16,
+                                         cond_drop_prob=p.cond_drop_prob,
+                                         min_snr_gamma=p.min_snr_gamma,
+                                         offset_strength=p.offset_noise)
             check_finite(loss, grad_norm, state.step + 1, p, checkpoints)
             ema.update(model)
             state.step += 1
@@ -274,14 +277,29 @@ class NewStepsOnly:
 
 def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Optimizer,
                x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
-               grad_clip: float, bf16: bool) -> tuple[float, float]:
-    """One optimiser step on L_simple; returns (loss, gradient norm before clipping)."""
+               grad_clip: float, bf16: bool, *, cond_drop_prob: float = 0.0,
+               min_snr_gamma: float = 0.0, offset_strength: float = 0.0) -> tuple[float, float]:
+    """One optimiser step on L_simple; returns (loss, gradient norm before clipping).
+
+    Options (0 = off; each draws from `generator` only when on): labels dropped to the null class
+    with probability cond_drop_prob, Min-SNR-gamma loss weights, offset noise of that strength.
+    """
     t = torch.randint(scheduler.num_timesteps, (len(x0),), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    if offset_strength > 0:
+        noise = offset_noise(noise, offset_strength, generator)
+    if cond_drop_prob > 0 and labels is not None:
+        labels = drop_labels(labels, model.num_classes, cond_drop_prob, generator)
     x_t = scheduler.add_noise(x0, noise, t)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
         prediction = model(x_t, t, labels)
-    loss = F.mse_loss(prediction.float(), scheduler.get_target(x0, noise, t))
+    target = scheduler.get_target(x0, noise, t)
+    if min_snr_gamma > 0:
+        weights = min_snr_weights(scheduler.snr(t), min_snr_gamma, scheduler.prediction_type)
+        squared_error = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
+        loss = (weights.to(squared_error) * squared_error).mean()
+    else:
+        loss = F.mse_loss(prediction.float(), target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = grad_clip if grad_clip > 0 else math.inf

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.noise_scheduler import SCHEDULES, NoiseScheduler, posterior_coefficients
+from pipeline.noise_scheduler import SCHEDULES, NoiseScheduler, min_snr_weights, offset_noise, posterior_coefficients
 
 BETA_START, BETA_END = 1e-4, 0.02
 
@@ -278,3 +278,51 @@ def test_invalid_arguments(kwargs, message):
 def test_invalid_variance_type():
     with pytest.raises(ValueError, match="variance_type.*'learned'"):
         NoiseScheduler().posterior_variance(torch.tensor([5]), "learned")
+
+
+def test_min_snr_weights_are_the_papers():
+    snr = torch.tensor([0.0, 0.5, 5.0, 50.0], dtype=torch.float64)
+    gamma = 5.0
+    # min(SNR, gamma) = 0, 0.5, 5, 5.
+    expected = {
+        "epsilon": [1.0, 1.0, 1.0, 0.1],  # min(SNR, gamma) / SNR, 1 in the limit SNR -> 0
+        "sample": [0.0, 0.5, 5.0, 5.0],  # min(SNR, gamma)
+        "v_prediction": [0.0, 0.5 / 1.5, 5 / 6, 5 / 51],  # min(SNR, gamma) / (SNR + 1)
+    }
+    for prediction_type, weights in expected.items():
+        torch.testing.assert_close(min_snr_weights(snr, gamma, prediction_type),
+                                   torch.tensor(weights, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_give_the_same_loss_in_x0_space(prediction_type):
+    # The point of the per-target weights: for the same predicted x0, the weighted loss on the
+    # model's target equals min(SNR, gamma) times the squared error of x0 (Hang et al. 2023).
+    scheduler = NoiseScheduler(1000, "linear", prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(3)
+    t = torch.tensor([0, 5, 50, 300, 999])
+    x0 = (torch.rand(5, 1, 4, 4, generator=generator) * 2 - 1).double()
+    noise = torch.randn(x0.shape, generator=generator).double()
+    x_t = scheduler.add_noise(x0, noise, t)
+    x0_hat = x0 + 0.1 * torch.randn(x0.shape, generator=generator).double()
+    # The model output that implies x0_hat at x_t: the target of x0_hat and the noise it implies.
+    noise_hat = NoiseScheduler(1000, "linear", prediction_type="sample").predict_noise(x0_hat, x_t, t)
+    output = scheduler.get_target(x0_hat, noise_hat, t)
+    target_error = ((output - scheduler.get_target(x0, noise, t)) ** 2).flatten(1).mean(1)
+    x0_error = ((x0_hat - x0) ** 2).flatten(1).mean(1)
+    snr = scheduler.snr(t)
+    torch.testing.assert_close(min_snr_weights(snr, 5.0, prediction_type) * target_error,
+                               snr.clamp(max=5.0) * x0_error, rtol=1e-6, atol=0)
+
+
+def test_offset_noise():
+    noise = torch.randn(2000, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    shifted = offset_noise(noise, 0.5, torch.Generator().manual_seed(5))
+    offset = shifted - noise
+    # One constant per image and channel: 0.5 times the N(0, 1) draws of the same generator.
+    torch.testing.assert_close(offset, offset[:, :, :1, :1].expand_as(offset), rtol=0, atol=1e-6)
+    expected = 0.5 * torch.randn(2000, 3, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(offset[:, :, 0, 0], expected, rtol=0, atol=1e-6)
+    # The offsets have the standard deviation `strength` (relative standard error 1 / sqrt(2 * 6000)).
+    assert offset[:, :, 0, 0].std().item() == pytest.approx(0.5, rel=5 / math.sqrt(2 * 6000))
+    assert torch.equal(offset_noise(noise, 0.0, torch.Generator()), noise)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.noise_scheduler import NoiseScheduler
-from pipeline.sampler import SPACINGS, sample, timesteps
+from pipeline.sampler import SPACINGS, drop_labels, guided, sample, timesteps
 
 
 @pytest.mark.parametrize(
@@ -251,12 +251,13 @@ def test_same_seed_same_samples(method, eta):
     assert not torch.allclose(draw(0), draw(1))
 
 
-@pytest.mark.parametrize(("eta", "draws_noise"), [(0.0, False), (0.5, True)])
-def test_ddim_randomness_is_the_initial_noise_only_at_eta_zero(eta, draws_noise):
+@pytest.mark.parametrize(("method", "eta", "draws_noise"),
+                         [("ddim", 0.0, False), ("ddim", 0.5, True), ("dpmpp_2m", 0.5, False)])
+def test_randomness_is_the_initial_noise_only_for_deterministic_samplers(method, eta, draws_noise):
     scheduler = NoiseScheduler(1000, "linear")
     shape = (3, 1, 4, 4)
     generator = torch.Generator().manual_seed(0)
-    sample(stand_in_model, scheduler, shape, method="ddim", eta=eta, num_steps=10, generator=generator)
+    sample(stand_in_model, scheduler, shape, method=method, eta=eta, num_steps=10, generator=generator)
 
     reference = torch.Generator().manual_seed(0)
     torch.randn(shape, generator=reference)  # the initial noise
@@ -265,7 +266,8 @@ def test_ddim_randomness_is_the_initial_noise_only_at_eta_zero(eta, draws_noise)
 
 
 @pytest.mark.parametrize(
-    ("method", "variance_type"), [("ddpm", "fixed_small"), ("ddpm", "fixed_large"), ("ddim", "fixed_small")]
+    ("method", "variance_type"),
+    [("ddpm", "fixed_small"), ("ddpm", "fixed_large"), ("ddim", "fixed_small"), ("dpmpp_2m", "fixed_small")],
 )
 def test_return_intermediates(method, variance_type):
     scheduler = NoiseScheduler(1000, "linear")
@@ -302,3 +304,213 @@ def test_progress_bar(capsys):
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sample(stand_in_model, NoiseScheduler(100), (1, 1, 2, 2), **kwargs)
+
+
+# DPM-Solver++(2M)
+
+
+def gaussian_oracle(scheduler, mean, std):
+    """The exact model for data x0 ~ N(mean, std^2) per pixel (mean, std broadcast over the batch).
+
+    x_t = sqrt(abar) x0 + sqrt(1 - abar) eps is Gaussian with mean sqrt(abar) mean and variance
+    m^2 = abar std^2 + 1 - abar, so E[x0 | x_t] = mean + sqrt(abar) std^2 / m^2 (x_t - sqrt(abar) mean).
+    """
+
+    def model(x_t, t):
+        alpha_bar = scheduler.alpha_bar(t).view(-1, *[1] * (x_t.ndim - 1))
+        signal, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        x = x_t.double()
+        x0 = mean + signal * std**2 / (alpha_bar * std**2 + 1 - alpha_bar) * (x - signal * mean)
+        noise = (x - signal * x0) / sigma
+        return {"epsilon": noise, "sample": x0, "v_prediction": signal * noise - sigma * x0}[
+            scheduler.prediction_type
+        ].float()
+
+    return model
+
+
+def gaussian_flow(mean, std, x, alpha_bar, alpha_bar_end):
+    """E[x0 | x_end] at the exact probability-flow ODE solution x_end from x at level alpha_bar.
+
+    The flow maps the Gaussian marginal at one level onto the one at the other by the increasing
+    affine map, i.e. it keeps z = (x - sqrt(abar) mean) / m.
+    """
+    z = (x.double() - alpha_bar**0.5 * mean) / (alpha_bar * std**2 + 1 - alpha_bar) ** 0.5
+    return mean + alpha_bar_end**0.5 * std**2 / (alpha_bar_end * std**2 + 1 - alpha_bar_end) ** 0.5 * z
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dpmpp_2m_converges_with_second_order_and_ddim_with_first(prediction_type):
+    # T - 1 = 1024 and "linspace": each doubling of S halves every step of the same timestep grid.
+    # The last sampled timestep is 0 for every S, and the samples are E[x0 | x_0] there (the final
+    # step returns x0_hat), so the error is that of the ODE solution from t = 1024 to t = 0.
+    scheduler = NoiseScheduler(1025, "linear", prediction_type=prediction_type)
+    mean = torch.tensor([0.3, -0.5, 0.1, 0.7], dtype=torch.float64)
+    std = torch.tensor([1.0, 1.5, 2.0, 0.8], dtype=torch.float64)
+    shape = (256, 4)
+    start, end = scheduler.alpha_bar(torch.tensor([1024, 0])).tolist()
+    exact = gaussian_flow(mean, std, torch.randn(shape, generator=torch.Generator().manual_seed(0)), start, end)
+
+    def errors(method):
+        return [
+            (sample(gaussian_oracle(scheduler, mean, std), scheduler, shape, method=method, num_steps=steps,
+                    timestep_spacing="linspace", clip_sample=False, generator=torch.Generator().manual_seed(0))
+             - exact).abs().max().item()
+            for steps in (33, 65, 129, 257)
+        ]
+
+    # Measured: DDIM 0.315, 0.159, 0.080, 0.040 (ratios 1.98, 1.99, 1.99); DPM-Solver++(2M) 0.171,
+    # 0.044, 0.010, 0.0025 (ratios 3.94, 4.17, 4.18): halving the step divides the error by 2^order.
+    ddim, dpmpp = errors("ddim"), errors("dpmpp_2m")
+    for coarse, fine in zip(ddim, ddim[1:]):
+        assert coarse / fine == pytest.approx(2, abs=0.15)
+    for coarse, fine in zip(dpmpp, dpmpp[1:]):
+        assert coarse / fine == pytest.approx(4, abs=0.5)
+    assert dpmpp[-1] < ddim[-1] / 10
+
+
+def dpmpp_2m_reference(model, scheduler, x, steps, clip_sample):
+    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2, written out in float64 from the paper.
+
+    alpha_t = sqrt(abar), sigma_t = sqrt(1 - abar), lambda_t = log(alpha_t / sigma_t); the first
+    step is first order, the last one onto clean data (sigma = 0, lambda = infinity) returns x0_hat.
+    """
+    alpha_bars = scheduler.alpha_bar(torch.tensor(steps)).tolist()
+    alphas = [math.sqrt(a) for a in alpha_bars]
+    sigmas = [math.sqrt(1 - a) for a in alpha_bars]
+    lambdas = [math.log(a / s) if a > 0 else -math.inf for a, s in zip(alphas, sigmas)]
+    x = x.double()
+    previous = None
+    for i, t in enumerate(steps):
+        output = model(x.float(), torch.full((x.shape[0],), t, dtype=torch.long)).double()
+        x0 = scheduler.predict_x0(output, x, t)
+        if clip_sample:
+            x0 = x0.clamp(-1, 1)
+        if i == len(steps) - 1:
+            return x0
+        h = lambdas[i + 1] - lambdas[i]
+        if previous is None:
+            d = x0
+        else:
+            r = (lambdas[i] - lambdas[i - 1]) / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous
+        x = sigmas[i + 1] / sigmas[i] * x - alphas[i + 1] * (math.exp(-h) - 1) * d
+        previous = x0
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "spacing", "num_steps", "clip_sample", "zero_snr"),
+    [
+        ("epsilon", "leading", 12, False, False),
+        ("sample", "linspace", 7, True, False),
+        ("v_prediction", "trailing", 9, True, True),  # lambda = -infinity at the start
+    ],
+)
+def test_dpmpp_2m_matches_algorithm_2(prediction_type, spacing, num_steps, clip_sample, zero_snr):
+    scheduler = NoiseScheduler(1000, "linear", prediction_type=prediction_type, rescale_zero_terminal_snr=zero_snr)
+    shape = (3, 1, 4, 4)
+
+    def model(x_t, t):
+        return 2 * stand_in_model(x_t, t) + 0.1  # big enough for clip_sample to bite
+
+    samples = sample(model, scheduler, shape, method="dpmpp_2m", num_steps=num_steps, timestep_spacing=spacing,
+                     clip_sample=clip_sample, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    expected = dpmpp_2m_reference(model, scheduler, x, timesteps(1000, num_steps, spacing), clip_sample)
+    torch.testing.assert_close(samples.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "num_steps", "scale", "clip_sample", "expected"),
+    [
+        ("epsilon", 10, 1.0, False,
+         [107.1659927368164, -1.940798044204712, -202.2726593017578, 7.805293083190918,
+          -47.66240310668945, -87.31915283203125, 3.4774248600006104, 23.46023178100586]),
+        ("v_prediction", 6, 3.0, True,
+         [0.4078036844730377, -0.05947336554527283, -0.7149917483329773, 0.11715099215507507,
+          -0.2550581395626068, -0.3555064797401428, 0.08201497793197632, 0.1847822368144989]),
+    ],
+)
+def test_dpmpp_2m_golden_values_of_diffusers(prediction_type, num_steps, scale, clip_sample, expected):
+    # Computed once, outside this project, by diffusers 0.42.1's DPMSolverMultistepScheduler with
+    # num_train_timesteps=1000, beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2,
+    # solver_type="midpoint", final_sigmas_type="zero", timestep_spacing="trailing" and, for
+    # clipping, thresholding=True with sample_max_value=1.0 (a clamp to [-1, 1]); the same initial
+    # noise torch.randn((2, 1, 2, 2), generator=torch.Generator().manual_seed(0)) and model.
+    scheduler = NoiseScheduler(1000, "linear", prediction_type=prediction_type)
+    samples = sample(
+        lambda x_t, t: scale * stand_in_model(x_t, t), scheduler, (2, 1, 2, 2), method="dpmpp_2m",
+        num_steps=num_steps, timestep_spacing="trailing", clip_sample=clip_sample,
+        generator=torch.Generator().manual_seed(0),
+    )
+    torch.testing.assert_close(samples.flatten(), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_dpmpp_2m_with_one_or_two_steps_is_ddim():
+    # No step has both a previous x0_hat and a next one: all steps are first order, i.e. DDIM.
+    scheduler = NoiseScheduler(1000, "linear")
+    for num_steps in (1, 2):
+        draws = [sample(stand_in_model, scheduler, (3, 1, 4, 4), method=method, num_steps=num_steps,
+                        generator=torch.Generator().manual_seed(0)) for method in ("ddim", "dpmpp_2m")]
+        assert torch.equal(*draws)
+
+
+# Classifier-free guidance
+
+
+def labelled_model(calls):
+    """A stand-in class-conditional network whose output depends on x, t and the label."""
+
+    def model(x, t, labels):
+        calls.append(labels.clone())
+        return torch.sin(x * (labels.view(-1, 1, 1, 1) + 1)) + t.view(-1, 1, 1, 1) / 100
+
+    return model
+
+
+def test_guidance_is_eq_6_in_one_forward_pass():
+    calls = []
+    model = labelled_model(calls)
+    x = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([7, 7, 7, 7])
+    labels = torch.tensor([0, 2, 1, 2])
+    out = guided(model, labels, null_label=3, scale=2.5)(x, t)
+
+    assert len(calls) == 1 and calls[0].tolist() == [0, 2, 1, 2, 3, 3, 3, 3]  # conditional, then null
+    conditional = model(x, t, labels)
+    unconditional = model(x, t, torch.full_like(labels, 3))
+    torch.testing.assert_close(out, 3.5 * conditional - 2.5 * unconditional, rtol=0, atol=1e-6)
+
+
+def test_guidance_zero_is_the_conditional_model():
+    model = labelled_model([])
+    x, t, labels = torch.randn(4, 1, 3, 3), torch.tensor([5, 5, 5, 5]), torch.tensor([0, 1, 2, 0])
+    assert torch.equal(guided(model, labels, null_label=3, scale=0.0)(x, t), model(x, t, labels))
+
+
+def test_guided_sampling_follows_the_guided_prediction():
+    # Guidance is a change of model only: sampling the guided model is sampling eq. 6's prediction.
+    scheduler = NoiseScheduler(100, "linear")
+    model, labels = labelled_model([]), torch.tensor([1, 0])
+
+    def by_hand(x, t):
+        return 3 * model(x, t, labels) - 2 * model(x, t, torch.full_like(labels, 3))
+
+    draws = [sample(m, scheduler, (2, 1, 3, 3), method="dpmpp_2m", num_steps=5, generator=torch.Generator().manual_seed(0))
+             for m in (guided(model, labels, 3, 2.0), by_hand)]
+    torch.testing.assert_close(*draws, rtol=0, atol=1e-5)
+
+
+def test_drop_labels_rate_and_reproducibility():
+    labels = torch.arange(200_000) % 10
+    dropped = drop_labels(labels, 10, 0.1, torch.Generator().manual_seed(0))
+    is_null = dropped == 10
+    assert torch.equal(dropped[~is_null], labels[~is_null])  # the others are kept as they are
+    # Binomial standard error sqrt(0.1 * 0.9 / 200k) = 0.00067; allow 5.
+    assert is_null.float().mean().item() == pytest.approx(0.1, abs=5 * math.sqrt(0.09 / len(labels)))
+    # Independent of the class: each class loses its share too.
+    for c in range(10):
+        assert is_null[labels == c].float().mean().item() == pytest.approx(0.1, abs=5 * math.sqrt(0.9 / len(labels)))
+    assert torch.equal(dropped, drop_labels(labels, 10, 0.1, torch.Generator().manual_seed(0)))
+    assert not torch.equal(dropped, drop_labels(labels, 10, 0.1, torch.Generator().manual_seed(1)))
+    assert torch.equal(drop_labels(labels, 10, 0.0, torch.Generator()), labels)
