@@ -378,20 +378,6 @@ def _step_problems(params: Params) -> Iterator[str]:
                    f"timesteps a sampler can visit; use at most {timesteps}")
 
 
-def _kid_problem(params: Params) -> str | None:
-    """KID (Binkowski et al. 2018) draws subsets of kid_subset_size from both image sets."""
-    subset = params.evaluate.kid_subset_size
-    sets = {"sample.num_images": params.sample.num_images,
-            "preprocess.max_reference_images": params.preprocess.max_reference_images}
-    smaller = {key: size for key, size in sets.items() if size < subset}
-    if not smaller:
-        return None
-    named = " and ".join(f"{key} = {size}" for key, size in smaller.items())
-    return (f"evaluate.kid_subset_size = {subset} is more than {named}: KID draws subsets of that "
-            f"many images from the samples and the reference set; use at most "
-            f"{min(smaller.values())}")
-
-
 def _check_combinations(params: Params) -> None:
     """Raise one ParamsError naming every combination of values the pipeline cannot run."""
     m, d = params.model, params.diffusion
@@ -402,7 +388,6 @@ def _check_combinations(params: Params) -> None:
         zero_terminal_snr_problem(d.rescale_zero_terminal_snr, d.prediction_type,
                                   d.num_timesteps, _diffusion_key),
         *_step_problems(params),
-        _kid_problem(params),
     ]
     problems = [p for p in problems if p]
     if len(problems) == 1:

@@ -161,11 +161,6 @@ def test_dvc_yaml_params_exist():
                     "num_timesteps": 1}, "sample": {"num_steps": 1},
       "train": {"grid_sampling_steps": 1}},
      ["diffusion.rescale_zero_terminal_snr=True needs diffusion.num_timesteps >= 2; got 1"]),
-    ({"sample": {"num_images": 999}},
-     ["evaluate.kid_subset_size = 1000 is more than sample.num_images = 999", "at most 999"]),
-    ({"preprocess": {"max_reference_images": 300}, "sample": {"num_images": 500}},
-     ["evaluate.kid_subset_size = 1000 is more than sample.num_images = 500 and "
-      "preprocess.max_reference_images = 300", "at most 300"]),
 ])
 def test_impossible_combination_names_keys_values_and_fix(raw, expected):
     with pytest.raises(ParamsError) as err:
@@ -198,13 +193,13 @@ def test_possible_combinations_at_the_limits_load(raw):
 
 def test_every_impossible_combination_is_in_one_message(tmp_path):
     path = write(tmp_path, "preprocess:\n  image_size: 30\nsample:\n  num_steps: 5000\n"
-                           "  num_images: 10\n")
+                           "train:\n  grid_sampling_steps: 2000\n")
     with pytest.raises(ParamsError) as err:
         load_params(path)
     message = str(err.value)
     assert message.startswith(f"{path}: 3 impossible combinations: (1) preprocess.image_size=30")
     assert "(2) sample.num_steps = 5000" in message
-    assert "(3) evaluate.kid_subset_size = 1000 is more than sample.num_images = 10" in message
+    assert "(3) train.grid_sampling_steps = 2000" in message
 
 
 def test_checkpoint_sections_load_without_the_defaults_of_the_rest():

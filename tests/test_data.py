@@ -296,7 +296,8 @@ def run_preprocess(tmp_path: Path, on_bad_image: str) -> subprocess.CompletedPro
     folder(tmp_path / "data" / "train", {"0": 2, "1": 2}, size=8)
     (tmp_path / "data" / "train" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (tmp_path / "params.yaml").write_text(
-        f"preprocess:\n  test_split: ''\n  image_size: 8\n  on_bad_image: {on_bad_image}\n")
+        f"preprocess:\n  test_split: ''\n  image_size: 8\n  on_bad_image: {on_bad_image}\n"
+        "model:\n  channel_mult: [1, 2]\n  attention_resolutions: [4]\n")  # fits 8 px
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "stages.preprocess"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)

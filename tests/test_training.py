@@ -229,9 +229,9 @@ def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(t
     real_step = training.train_step
     calls = []
 
-    def diverging(*args):
+    def diverging(*args, **kwargs):
         calls.append(1)
-        loss, norm = real_step(*args)
+        loss, norm = real_step(*args, **kwargs)
         return (math.nan if len(calls) == 5 else loss), norm
 
     monkeypatch.setattr(training, "train_step", diverging)
