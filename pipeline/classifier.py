@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.config import ClassifierParams
 from pipeline.data import ImageSet, to_model_range
-from pipeline.io import save_torch
+from pipeline.io import load_torch, save_torch
 
 
 class Classifier(nn.Module):
@@ -78,7 +78,7 @@ def save_classifier(model: Classifier, path: Path) -> None:
 
 
 def load_classifier(path: str | Path) -> Classifier:
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_torch(path)
     model = Classifier(**saved["config"])
     model.load_state_dict(saved["weights"])
     return model.eval()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import PreprocessParams
-from pipeline.io import save_torch
+from pipeline.io import load_torch, save_torch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".pbm", ".bmp", ".gif", ".tif",
                   ".tiff", ".webp"}
@@ -57,7 +57,7 @@ class ImageSet:
         path = Path(path)
         if not path.exists():
             raise DataError(f"{path}: not found; run the preprocess stage first (`dvc repro`)")
-        data = torch.load(path, weights_only=True)
+        data = load_torch(path)
         return cls(data["images"], data["labels"], tuple(data["classes"]))
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.config import SampleParams, from_dict
 from pipeline.data import grid_image, to_uint8
-from pipeline.io import save_image
+from pipeline.io import load_torch, save_image
 from pipeline.noise_scheduler import NoiseScheduler
 from pipeline.sampler import guided, sample
 from pipeline.training import default_device, model_fn
@@ -35,7 +35,7 @@ class TrainedModel:
 
 def load_ema_model(path: Path, device: torch.device | None = None) -> TrainedModel:
     """Rebuild the EMA model that pipeline.training saved, in eval mode, with its scheduler."""
-    saved: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    saved: dict[str, Any] = load_torch(path)
     params = from_dict(saved["params"], check_combinations=False)  # model and diffusion only
     model = build_model(params)
     model.load_state_dict(saved["weights"])

@@ -8,11 +8,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from pipeline.config import Params, load_params
 from pipeline.data import ImageSet, load_folder
-from pipeline.io import save_json
+from pipeline.io import load_torch, save_json
 from pipeline.metrics import domain_metrics, inception_metrics
 from pipeline.tracking import Tracker, Untracked, connect
 from stages import run
@@ -46,7 +45,7 @@ def main() -> None:
 
 def log_to_mlflow(tracker: Tracker | Untracked, params: Params, metrics: dict[str, float],
                   skipped: str | None) -> None:
-    saved = torch.load("outputs/train/ema.pt", map_location="cpu", weights_only=True)
+    saved = load_torch("outputs/train/ema.pt")
     settings = {f"{section}.{k}": v for section in ("sample", "evaluate")
                 for k, v in asdict(getattr(params, section)).items()}
     status = {"inception_metrics": f"skipped: {skipped}" if skipped else "computed"}
