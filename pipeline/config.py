@@ -96,6 +96,7 @@ class TrainParams:
     cond_drop_prob: float = spec(0.0, low=0.0, high=1.0, high_open=True)
     min_snr_gamma: float = spec(0.0, low=0.0)  # Min-SNR-gamma loss weighting; 0 = off
     offset_noise: float = spec(0.0, low=0.0)  # strength of the per-channel noise offset; 0 = off
+    num_processes: int = spec(1, low=1)  # >1: data-parallel processes on this machine (torchrun)
 
 
 @dataclass(frozen=True)
@@ -368,6 +369,15 @@ def _diffusion_key(argument: str) -> str:
     return f"diffusion.{argument}"
 
 
+def _batch_problem(params: Params) -> str | None:
+    """Data-parallel ranks each train on an equal share of the global batch."""
+    p = params.train
+    if p.batch_size % p.num_processes == 0:
+        return None
+    return (f"train.batch_size = {p.batch_size} does not split evenly over train.num_processes = "
+            f"{p.num_processes}; use a multiple of {p.num_processes}")
+
+
 def _step_problems(params: Params) -> Iterator[str]:
     """A sampler visits each of the T training timesteps at most once (pipeline/sampler.py)."""
     timesteps = params.diffusion.num_timesteps
@@ -388,6 +398,7 @@ def _check_combinations(params: Params) -> None:
         zero_terminal_snr_problem(d.rescale_zero_terminal_snr, d.prediction_type,
                                   d.num_timesteps, _diffusion_key),
         *_step_problems(params),
+        _batch_problem(params),
     ]
     problems = [p for p in problems if p]
     if len(problems) == 1:

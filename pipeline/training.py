@@ -37,10 +37,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import Params, TrainParams, to_dict
 from pipeline.data import ImageSet, grid_image, to_model_range, to_uint8
 from pipeline.checkpoint import Checkpoints, random_states, restore_random_states
+from pipeline.distributed import World
 from pipeline.ema import EMA
 from pipeline.io import atomic_path, save_torch
 from pipeline.noise_scheduler import NoiseScheduler, min_snr_weights, offset_noise
@@ -104,10 +106,11 @@ def learning_rate(step: int, p: TrainParams) -> float:
     return p.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def fingerprint(params: Params, data: ImageSet) -> str:
-    """Identity of a training run: its params sections and the exact training images."""
+def fingerprint(params: Params, data: ImageSet, processes: int = 1) -> str:
+    """Identity of a training run: its params sections, the exact training images, and the
+    number of data-parallel processes (a checkpoint holds the random state of each)."""
     sections = to_dict(params)
-    digest = hashlib.sha256(repr([sections[s] for s in RUN_SECTIONS]).encode())
+    digest = hashlib.sha256(repr([sections[s] for s in RUN_SECTIONS] + [processes]).encode())
     digest.update(data.images.numpy().tobytes())
     digest.update(data.labels.numpy().tobytes())
     return digest.hexdigest()
@@ -141,36 +144,42 @@ def class_labels(model: UNet, n: int, classes: int, generator: torch.Generator,
 
 
 def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
-          run_id: str | None = None, device: torch.device | None = None) -> TrainState:
+          run_id: str | None = None, world: World | None = None) -> TrainState:
     """Train on `data`, writing out_dir/checkpoints/ and out_dir/ema.pt; return the final state.
 
     Resumes from the newest checkpoint of the same params and data, if there is one. `run_id`
     names the tracking run that `logger` writes to; it is saved with the model so the sample and
     evaluate stages can add to the same run. Raises Interrupted after SIGINT/SIGTERM (with a
-    checkpoint of the last finished step) and NonFiniteLoss when the loss diverges.
+    checkpoint of the last finished step) and NonFiniteLoss when the loss diverges. `world` is
+    this process's place among data-parallel ranks (pipeline/distributed.py); only rank 0 logs
+    and writes files.
     """
     p = params.train
-    device = device or default_device()
+    world = world or World(device=default_device())
+    device = world.device
     torch.manual_seed(p.seed)
     model = build_model(params).to(device)
+    network = DistributedDataParallel(model) if world.size > 1 else model
+    torch.manual_seed(p.seed + world.rank)  # dropout masks: each rank draws its own
     scheduler = NoiseScheduler(**dataclasses.asdict(params.diffusion))
     ema = EMA(model, decay=p.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     generator = torch.Generator(device).manual_seed(p.seed)
-    checkpoints = Checkpoints(out_dir / "checkpoints", fingerprint(params, data))
-    state = resume(checkpoints, model, ema, optimizer, generator)
+    checkpoints = Checkpoints(out_dir / "checkpoints", fingerprint(params, data, world.size))
+    state = resume(checkpoints, model, ema, optimizer, generator, world.rank)
     logger = NewStepsOnly(logger)
     bf16 = use_bf16(p.precision, device)
     images = data.images.to(device)
     labels = data.labels.to(device)
-
     window = Window(state.window)
 
     def save() -> None:
+        states = world.gather(random_states(generator))  # a collective: every rank calls it
         state.window = window.state()
-        checkpoints.save({"state": dataclasses.asdict(state), "model": model.state_dict(),
-                          "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                          "random": random_states(generator)}, state.step)
+        if world.is_main:
+            checkpoints.save({"state": dataclasses.asdict(state), "model": model.state_dict(),
+                              "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                              "random": states}, state.step)
 
     model.train()
     with stop_requests() as stop:
@@ -180,11 +189,12 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
                 group["lr"] = lr
             index = torch.randint(len(images), (p.batch_size,), generator=generator, device=device)
             batch_labels = labels[index] if model.num_classes else None
-            loss, grad_norm = train_step(model, scheduler, optimizer, to_model_range(images[index]),
+            loss, grad_norm = train_step(network, scheduler, optimizer, to_model_range(images[index]),
                                          batch_labels, generator, p.grad_clip, bf16,
                                          cond_drop_prob=p.cond_drop_prob,
                                          min_snr_gamma=p.min_snr_gamma,
-                                         offset_strength=p.offset_noise)
+                                         offset_strength=p.offset_noise, shard=world.shard(p.batch_size))
+            loss, signum = world.agree(loss, stop.signum)
             check_finite(loss, grad_norm, state.step + 1, p, checkpoints)
             ema.update(model)
             state.step += 1
@@ -194,15 +204,16 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
                 state.history.append(row)
                 state.seconds += row["seconds"]
                 logger.log_metrics({k: v for k, v in row.items() if k != "step"}, state.step)
-            if state.step % p.sample_every == 0 or state.step == p.steps:
+            if world.is_main and (state.step % p.sample_every == 0 or state.step == p.steps):
                 with ema.swapped_in(model):
                     image = sample_grid(model, scheduler, p, len(data.classes), device)
                 logger.log_image(image, "sample_grid", state.step)
-            if state.step % p.checkpoint_every == 0 or state.step == p.steps or stop.signum:
+            if state.step % p.checkpoint_every == 0 or state.step == p.steps or signum:
                 save()
-            if stop.signum:
-                raise Interrupted(stop.signum, state.step)
-    save_ema_model(out_dir / "ema.pt", params, model, ema, data.classes, run_id, state.step)
+            if signum:
+                raise Interrupted(signum, state.step)
+    if world.is_main:
+        save_ema_model(out_dir / "ema.pt", params, model, ema, data.classes, run_id, state.step)
     return state
 
 
@@ -278,18 +289,23 @@ class NewStepsOnly:
 def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Optimizer,
                x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
                grad_clip: float, bf16: bool, *, cond_drop_prob: float = 0.0,
-               min_snr_gamma: float = 0.0, offset_strength: float = 0.0) -> tuple[float, float]:
+               min_snr_gamma: float = 0.0, offset_strength: float = 0.0,
+               shard: slice = slice(None)) -> tuple[float, float]:
     """One optimiser step on L_simple; returns (loss, gradient norm before clipping).
 
     Options (0 = off; each draws from `generator` only when on): labels dropped to the null class
     with probability cond_drop_prob, Min-SNR-gamma loss weights, offset noise of that strength.
+    The random draws cover the whole batch x0; the step trains on its part `shard` (this rank's,
+    under DistributedDataParallel `model`, which averages the gradients of the ranks).
     """
     t = torch.randint(scheduler.num_timesteps, (len(x0),), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     if offset_strength > 0:
         noise = offset_noise(noise, offset_strength, generator)
     if cond_drop_prob > 0 and labels is not None:
-        labels = drop_labels(labels, model.num_classes, cond_drop_prob, generator)
+        labels = drop_labels(labels, unwrap(model).num_classes, cond_drop_prob, generator)
+    x0, noise, t = x0[shard], noise[shard], t[shard]
+    labels = labels[shard] if labels is not None else None
     x_t = scheduler.add_noise(x0, noise, t)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
         prediction = model(x_t, t, labels)
@@ -306,6 +322,11 @@ def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Op
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
     return loss.item(), grad_norm.item()
+
+
+def unwrap(model: torch.nn.Module) -> UNet:
+    """The UNet inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class Window:
@@ -344,7 +365,7 @@ class Window:
 
 
 def resume(checkpoints: Checkpoints, model: UNet, ema: EMA, optimizer: torch.optim.Optimizer,
-           generator: torch.Generator) -> TrainState:
+           generator: torch.Generator, rank: int = 0) -> TrainState:
     """Restore the newest readable checkpoint of this run into the objects given, if any."""
     checkpoint = checkpoints.load()
     if checkpoint is None:
@@ -352,7 +373,7 @@ def resume(checkpoints: Checkpoints, model: UNet, ema: EMA, optimizer: torch.opt
     model.load_state_dict(checkpoint["model"])
     ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    restore_random_states(checkpoint["random"], generator)
+    restore_random_states(checkpoint["random"][rank], generator)
     return TrainState(**checkpoint["state"])
 
 

@@ -4,16 +4,22 @@ Outputs: outputs/train/ema.pt (EMA weights + what rebuilds the model), checkpoin
 interrupted run resumes from it, in the same MLflow run), metrics.json and history.csv (DVC
 metrics and plots). SIGINT/SIGTERM write a checkpoint, mark the MLflow run KILLED and exit with
 128 + the signal number; a diverged loss marks it FAILED.
+
+With `train.num_processes` > 1 the stage starts itself again under torchrun, as that many
+data-parallel ranks on this machine; started by torchrun (also across machines) it joins the
+process group that torchrun describes. Only rank 0 talks to MLflow and writes the outputs.
 """
 
+import os
 import sys
 from pathlib import Path
 
+from pipeline import distributed
 from pipeline.checkpoint import Checkpoints
 from pipeline.config import check_data_size, load_params
 from pipeline.data import ImageSet
 from pipeline.io import save_json
-from pipeline.tracking import connect
+from pipeline.tracking import UntrackedRun, connect
 from pipeline.training import Interrupted, fingerprint, save_history, summary, train
 from pipeline.unet import build_model, count_parameters
 from stages import run
@@ -23,15 +29,29 @@ OUT = Path("outputs/train")
 
 def main() -> None:
     params = load_params()
+    if params.train.num_processes > 1 and not distributed.launched_by_torchrun():
+        command = distributed.torchrun_command(params.train.num_processes, "stages.train")
+        os.execv(command[0], command)  # torchrun exits non-zero if any rank fails
+    world = distributed.setup()
+    try:
+        train_and_record(params, world)
+    finally:
+        distributed.teardown()
+
+
+def train_and_record(params, world: distributed.World) -> None:
     data = ImageSet.load("outputs/preprocess/train.pt")
     check_data_size(params, len(data))
-    tracker = connect(params.tracking)  # an unreachable store fails here, before any work
-    checkpoints = Checkpoints(OUT / "checkpoints", fingerprint(params, data))
-    mlflow_run = tracker.training_run(params, checkpoints.run_id())
-    checkpoints.set_run_id(mlflow_run.id)  # a kill before the first checkpoint keeps this run too
-    print(f"train: MLflow run {mlflow_run.id} in {tracker.uri}")
+    if world.is_main:
+        tracker = connect(params.tracking)  # an unreachable store fails here, before any work
+        checkpoints = Checkpoints(OUT / "checkpoints", fingerprint(params, data, world.size))
+        mlflow_run = tracker.training_run(params, checkpoints.run_id())
+        checkpoints.set_run_id(mlflow_run.id)  # a kill before the first checkpoint keeps it too
+        print(f"train: MLflow run {mlflow_run.id} in {tracker.uri}")
+    else:
+        mlflow_run = UntrackedRun()
     try:
-        state = train(params, data, OUT, mlflow_run, run_id=mlflow_run.id)
+        state = train(params, data, OUT, mlflow_run, run_id=mlflow_run.id, world=world)
     except Interrupted as stop:
         mlflow_run.finish("KILLED")
         print(f"train: {stop}", file=sys.stderr)
@@ -42,6 +62,11 @@ def main() -> None:
     except BaseException:
         mlflow_run.finish("FAILED")  # e.g. NonFiniteLoss; the last good checkpoint is kept
         raise
+    if world.is_main:
+        record(params, state, mlflow_run)
+
+
+def record(params, state, mlflow_run) -> None:
     metrics = summary(state, count_parameters(build_model(params)))
     save_history(OUT / "history.csv", state.history)
     save_json(metrics, OUT / "metrics.json")

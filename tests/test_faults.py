@@ -5,89 +5,20 @@ MLflow SQLite store) and compares with one uninterrupted run: the final weights,
 and the loss curve logged to MLflow must be bit for bit the same, in one MLflow run.
 """
 
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from mlflow.tracking import MlflowClient
 
-from pipeline.data import ImageSet
 from pipeline.io import save_torch
+from stage_project import (ROOT, finish, make_project, result, start, starts, training_runs,
+                                 wait_for)
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-PARAMS = {
-    "preprocess": {"image_size": 8, "channels": 1},
-    "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4],
-              "num_heads": 2, "norm_groups": 4},
-    "diffusion": {"num_timesteps": 50},
-    "train": {"steps": 120, "batch_size": 8, "warmup_steps": 10, "log_every": 4,
-              "checkpoint_every": 20, "sample_every": 40, "grid_images": 4,
-              "grid_sampling_steps": 3, "precision": "fp32"},
-    "sample": {"num_steps": 4},
-    "evaluate": {"kid_subset_size": 5},
-}
-
-
-def make_project(folder: Path, **train) -> Path:
-    folder.mkdir(parents=True)
-    params = {section: dict(values) for section, values in PARAMS.items()}
-    params["train"].update(train)
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    images = torch.randint(0, 256, (64, 1, 8, 8), generator=torch.Generator().manual_seed(0),
-                           dtype=torch.uint8)
-    ImageSet(images, torch.arange(64) % 2, ("a", "b")).save(folder / "outputs/preprocess/train.pt")
-    return folder
-
-
-def start(project: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
-    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
-               MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")
-    log = open(project / "log.txt", "a")
-    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=project, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(project: Path) -> str:
-    process = start(project)
-    assert process.wait(timeout=300) == 0, (project / "log.txt").read_text()
-    return (project / "log.txt").read_text()
-
-
-def wait_for(condition, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-def starts(project: Path) -> int:
-    """How many times the stage got past its start-up (imports, MLflow) into training."""
-    log = project / "log.txt"
-    return log.read_text().count("train: MLflow run") if log.exists() else 0
-
-
-def result(project: Path) -> dict:
-    """Final weights, EMA weights and the logged loss curve of the project's one MLflow run."""
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("simple-diffusion").experiment_id])
-    assert len(runs) == 1, "a resumed training must continue its MLflow run, not start another"
-    newest = max((project / "outputs/train/checkpoints").glob("*.pt"))
-    history = client.get_metric_history(runs[0].info.run_id, "loss")
-    return {"model": torch.load(newest, weights_only=True)["model"],
-            "ema": torch.load(project / "outputs/train/ema.pt", weights_only=True)["weights"],
-            "loss": sorted((m.step, m.value) for m in history),
-            "status": runs[0].info.status}
-
-
 def assert_same_run(a: dict, b: dict) -> None:
     for key in ("model", "ema"):
         assert a[key].keys() == b[key].keys()
@@ -143,22 +74,21 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_mark_the_run_killed(tmp_path, 
     stopped_at = int(log.split(f"train: {name} at step ")[1].split(":")[0])
     assert 20 <= stopped_at < 120
     assert any(checkpoints.glob(f"step-{stopped_at:08d}-*.pt"))  # the step it stopped at
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("simple-diffusion").experiment_id])
+    _, (run,) = training_runs(project)
     assert run.info.status == "KILLED"
     assert f"resuming at step {stopped_at}" in finish(project)
     assert_same_run(result(project), reference)
 
 
 def test_non_finite_loss_fails_the_run_naming_step_and_causes(tmp_path):
-    project = make_project(tmp_path / "diverging", lr=1e30, grad_clip=0.0, warmup_steps=0)
+    project = make_project(tmp_path / "diverging",
+                           train={"lr": 1e30, "grad_clip": 0.0, "warmup_steps": 0})
     process = start(project)
     assert process.wait(timeout=120) == 1
     log = (project / "log.txt").read_text()
     assert "train: error: training diverged at step 2: loss inf" in log, log
     assert "train.lr = 1e+30" in log and "train.grad_clip = 0" in log and "Traceback" not in log
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("simple-diffusion").experiment_id])
+    _, (run,) = training_runs(project)
     assert run.info.status == "FAILED"
     assert not (project / "outputs/train/ema.pt").exists()
 
