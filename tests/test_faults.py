@@ -5,18 +5,23 @@ MLflow SQLite store) and compares with one uninterrupted run: the final weights,
 and the loss curve logged to MLflow must be bit for bit the same, in one MLflow run.
 """
 
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 from pipeline.io import save_torch
-from stage_project import (ROOT, finish, make_project, result, start, starts, training_runs,
-                                 wait_for)
+from stage_project import (PARAMS, ROOT, finish, make_project, result, start, starts,
+                           training_runs, wait_for)
 
 pytestmark = pytest.mark.slow
 def assert_same_run(a: dict, b: dict) -> None:
@@ -112,3 +117,59 @@ def test_a_kill_during_a_write_never_leaves_a_torn_file(tmp_path):
         state = torch.load(target, weights_only=True)
         assert torch.equal(state["data"], torch.full((1 << 20,), float(state["version"])))
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["state.pt"]
+
+
+def stage_processes(project) -> list[int]:
+    """Pids of `python -m stages.train` processes running in `project`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"stages.train" in command and Path(os.readlink(entry / "cwd")) == project:
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_dvc_repro_after_a_sigkill_resumes_the_same_mlflow_run(tmp_path):
+    """The user's view: the train stage is killed under `dvc repro`; `dvc repro` again resumes
+    from the checkpoint, in the same MLflow run, and every step is logged once."""
+    project = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        if name != "data.dvc" and (ROOT / name).is_file():
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, project / name)
+    for label in ("a", "b"):  # a tiny ImageFolder instead of the pinned MNIST
+        (project / "data" / label).mkdir(parents=True)
+        for i in range(16):
+            pixels = torch.randint(0, 256, (8, 8), generator=torch.Generator().manual_seed(i),
+                                   dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(project / "data" / label / f"{i}.png")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in PARAMS.items():
+        params[section].update(values)
+    params["preprocess"].update(train_split="", test_split="", max_reference_images=8)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "t"]):
+        subprocess.run(command, cwd=project, env=env, check=True)
+    with open(tmp_path / "repro.txt", "w") as log:
+        repro = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT)
+    checkpoints = project / "outputs/train/checkpoints"
+    wait_for(lambda: any(checkpoints.glob("step-*.pt")) or repro.poll() is not None, timeout=300)
+    for pid in stage_processes(project):
+        os.kill(pid, signal.SIGKILL)
+    assert repro.wait(timeout=120) != 0, (tmp_path / "repro.txt").read_text()
+    again = subprocess.run(["dvc", "repro", "train"], cwd=project, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming at step" in again.stdout
+    client, (run,) = training_runs(project)  # the one run, continued: not a second one
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(4, 121, 4))
