@@ -135,7 +135,8 @@ def test_redact_masks_user_info_and_query_values():
     assert redact("postgresql://u:p@ss@db/mlflow?sslmode=require&password=x") == \
         "postgresql://***@db/mlflow?sslmode=***&password=***"
     assert redact("https://mlflow/path?token=abc#top") == "https://mlflow/path?token=***#top"
-    assert redact("request to http://a:b@h:1/health failed") == "request to http://***@h:1/health failed"
+    assert redact("request to http://a:b@h:1/health failed") == \
+        "request to http://***@h:1/health failed"
     assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"  # nothing to hide
 
 
