@@ -21,9 +21,10 @@ URIs are printed and logged only through `redact`, which masks credentials.
 Queued experiments write to one SQLite store at once. MLflow waits up to 20 s for the database
 lock (`PRAGMA busy_timeout`, mlflow/store/db/utils.py), which is plenty for the milliseconds a
 write holds it; but in SQLite's default rollback-journal mode a write also waits until every
-reader has finished, so a reader (`mlflow ui`, another stage) can hold up training and, past
-20 s, fail it with "database is locked". The store is therefore switched to write-ahead logging
-(WAL, https://sqlite.org/wal.html), where readers and the one writer do not block each other.
+open read has ended, so a reader (`mlflow ui`, a script, a database browser) holds up training
+for as long as it reads and, past 20 s, fails it with "database is locked". The store is
+therefore switched to write-ahead logging (WAL, https://sqlite.org/wal.html), in which readers
+and the one writer do not wait for each other.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ class Tracker:
         self.uri = redact(uri)
         try:
             self.client, self.experiment_id = self._connect(uri, p.experiment)
-        except (MlflowException, SQLAlchemyError, OSError) as err:
+        except (MlflowException, SQLAlchemyError, sqlite3.Error, OSError) as err:
             raise TrackingUnavailable(
                 f"MLflow tracking store {self.uri} cannot be used: {redact(str(err))}") from None
 

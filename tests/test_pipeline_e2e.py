@@ -1,4 +1,4 @@
-"""End to end: the real `dvc repro`, `dvc exp run` (workspace, --temp, queue -j 2) and MLflow.
+"""End to end: the real `dvc repro`, `dvc exp run` (workspace, --temp, queued) and MLflow.
 
 The repository is copied to a temporary folder with tiny params, its data comes from the
 offline mirror (SIMPLE_DIFFUSION_MIRROR, as CI names it), and every command is the one a user
@@ -145,21 +145,33 @@ def test_exp_run_on_a_sample_param_reruns_only_sample_and_evaluate(project, firs
 
 
 def test_temp_and_queued_experiments_land_in_the_same_store(project, first_repro):
+    """--temp re-samples into the existing training run; four queued trainings, run two at a
+    time, all finish, each with every logged point of its curves in the one store, once."""
     _, _, before = mlflow_runs(project)
     sh(project, "dvc", "exp", "run", "--temp", "-S", "sample.seed=1")
-    sh(project, "dvc", "exp", "run", "--queue", "-S", "sample.seed=2")
-    sh(project, "dvc", "exp", "run", "--queue", "-S", "sample.seed=3")
+    _, training, evaluations = mlflow_runs(project)
+    assert len(training) == 1 and len(evaluations) == len(before) + 1
+    assert max(evaluations, key=lambda r: r.info.start_time).data.params["sample.seed"] == "1"
+    seeds = ["1", "2", "3", "4"]
+    for seed in seeds:
+        sh(project, "dvc", "exp", "run", "--queue", "-S", f"train.seed={seed}")
     sh(project, "dvc", "queue", "start", "-j", "2")
-    deadline = time.time() + 600
+    deadline = time.time() + 1800
     while time.time() < deadline:
         status = sh(project, "dvc", "queue", "status")
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(5)
     assert "Failed" not in status, status
-    assert status.count("Success") == 2, status
-    _, training, evaluations = mlflow_runs(project)
-    assert len(training) == 1
-    seeds = sorted(r.data.params["sample.seed"] for r in evaluations[:len(evaluations) - len(before)])
-    assert seeds == ["1", "2", "3"]
+    assert status.count("Success") == 4, status
+    client, training, evaluations = mlflow_runs(project)
+    queued = [r for r in training if r.data.params["train.seed"] != "0"]
+    assert sorted(r.data.params["train.seed"] for r in queued) == seeds
+    for run in queued:
+        assert run.info.status == "FINISHED"
+        for key in ["loss", "lr", "grad_norm", "images_per_s"]:
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == [5, 10, 15, 20], (run.data.params["train.seed"], key, steps)
+        nested = [e for e in evaluations if e.data.tags[PARENT_TAG] == run.info.run_id]
+        assert len(nested) == 1
     assert not (project / ".dvc" / "tmp" / "exps" / "mlflow.db").exists()
