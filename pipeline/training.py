@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.checkpoint import Checkpoints, random_states, restore_random_states
 from pipeline.config import Params, TrainParams, to_dict
 from pipeline.data import ImageSet, grid_image, to_model_range, to_uint8
-from pipeline.checkpoint import Checkpoints, random_states, restore_random_states
 from pipeline.distributed import World
 from pipeline.ema import EMA
 from pipeline.io import atomic_path, save_torch

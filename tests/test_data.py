@@ -306,7 +306,7 @@ def run_preprocess(tmp_path: Path, on_bad_image: str) -> subprocess.CompletedPro
 def test_preprocess_stage_reports_a_broken_image_in_one_line(tmp_path):
     result = run_preprocess(tmp_path, "error")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == (f"preprocess: error: data/train/1/broken.png: cannot read "
+    assert result.stderr.strip() == ("preprocess: error: data/train/1/broken.png: cannot read "
                                      "image: cannot identify image file "
                                      "'data/train/1/broken.png'")
     assert not (tmp_path / "outputs").exists()
