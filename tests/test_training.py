@@ -93,10 +93,17 @@ def test_interrupted_training_resumes_exactly(tmp_path):
     assert all(torch.equal(clean[k], resumed[k]) for k in clean)
 
 
-def test_checkpoint_of_other_params_is_not_resumed(tmp_path):
+@pytest.mark.parametrize("change", ["model", "data"])
+def test_checkpoint_of_other_params_or_data_is_not_resumed(tmp_path, capsys, change):
     train(tiny_params(), tiny_data(), tmp_path, Recorder())
+    capsys.readouterr()
+    params = tiny_params()
+    if change == "model":  # another width: loading the old weights would be wrong
+        params = from_dict({**TINY, "model": {**TINY["model"], "base_channels": 16}})
+    data = tiny_data(17) if change == "data" else tiny_data()
     logger = Recorder()
-    state = train(tiny_params(lr=0.001), tiny_data(), tmp_path, logger)
+    state = train(params, data, tmp_path, logger)
+    assert "written for other params or data" in capsys.readouterr().out
     assert [s for s, _ in logger.metrics] == [2, 4, 6]  # started again from step 0
     assert state.step == 6
 
