@@ -5,7 +5,7 @@ PostgreSQL is the one Debian packages (.ci/run installs it where it is missing),
 initdb and pg_ctl in a temporary folder, listening on 127.0.0.1 only. S3 is moto's server on
 127.0.0.1. The train stage runs as `python -m stages.train` in a temporary project with tiny
 params and data (as in test_faults.py). Every server is stopped at the end, also after a failure.
-Slow (about a minute, most of it MLflow creating its tables), but CI runs it.
+Slow (2-3 minutes on 2 shared cores; MLflow creating its tables takes 15 s), but CI runs it.
 """
 
 import csv
