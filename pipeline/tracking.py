@@ -181,7 +181,7 @@ class Tracker:
             found = client.get_experiment_by_name(experiment)
             if found is not None:
                 return client, found.experiment_id
-            local = uri.startswith(("sqlite:", "file:"))
+            local = not uri.startswith(("http:", "https:", "databricks"))  # no server: files here
             location = (project_root() / "mlartifacts").as_uri() if local else None
             return client, client.create_experiment(experiment, artifact_location=location)
 

@@ -4,7 +4,7 @@ S3, a DVC remote on S3, and a parameter sweep through DVC's queue.
 PostgreSQL is the one Debian packages (.ci/run installs it where it is missing), started with
 initdb and pg_ctl in a temporary folder, listening on 127.0.0.1 only. S3 is moto's server on
 127.0.0.1. The train stage runs as `python -m stages.train` in a temporary project with tiny
-params and data (as in test_faults.py). Every server is stopped at the end, also after a failure.
+params and data (tests/stage_project.py). Every server is stopped at the end, also after a failure.
 Slow (2-3 minutes on 2 shared cores; MLflow creating its tables takes 15 s), but CI runs it.
 """
 
@@ -35,7 +35,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 from PIL import Image
-from test_faults import make_project
+from stage_project import make_project
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +212,7 @@ def train(project: Path, **env: str) -> tuple[str, str]:
 
 def test_a_training_run_goes_through_the_server_into_postgresql_and_s3(
         tmp_path, postgres, s3, mlflow_server):
-    project = make_project(tmp_path / "project", **TRAIN)
+    project = make_project(tmp_path / "project", train=TRAIN)
     output, run_id = train(project, MLFLOW_TRACKING_URI=mlflow_server)
     assert f"train: MLflow run {run_id} in {mlflow_server}" in output
 
@@ -247,7 +247,7 @@ def test_a_stage_writing_straight_to_postgresql_never_shows_the_password(tmp_pat
     """The backend URI, password included, in params.yaml (tracking.uri): the stage prints it
     and logs it as a param only with the credentials masked (pipeline/tracking.py, redact)."""
     postgres.create_database("direct")
-    project = make_project(tmp_path / "project", **TRAIN)
+    project = make_project(tmp_path / "project", train=TRAIN)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tracking"] = {"uri": postgres.uri("direct")}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
