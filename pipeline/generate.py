@@ -197,24 +197,24 @@ def parser() -> argparse.ArgumentParser:
                 description="Generate images with a trained simple-diffusion model.")
     p.add_argument("--model", required=True,
                    help="models:/NAME/VERSION (or latest), runs:/RUN_ID/PATH, or a local ema.pt")
-    p.add_argument("--num", type=int, required=True, help="number of images")
-    p.add_argument("--out", type=Path, required=True, help="grid PNG of all images")
-    p.add_argument("--out-dir", type=Path,
+    p.add_argument("--num", type=int, metavar="N", required=True, help="number of images")
+    p.add_argument("--out", type=Path, required=True, metavar="PNG", help="grid of all images")
+    p.add_argument("--out-dir", type=Path, metavar="DIR",
                    help="also one PNG per image here (its PNG files are replaced)")
-    p.add_argument("--method", dest="method", help=f"ddpm | ddim | dpmpp_2m ({defaults.method})")
-    p.add_argument("--steps", dest="num_steps", type=int,
+    p.add_argument("--method", help=f"ddpm | ddim | dpmpp_2m ({defaults.method})")
+    p.add_argument("--steps", dest="num_steps", type=int, metavar="S",
                    help=f"sampling steps ({defaults.num_steps}); at most the model's timesteps")
-    p.add_argument("--eta", dest="eta", type=float, help=f"DDIM eta ({defaults.eta})")
-    p.add_argument("--seed", dest="seed", type=int, help=f"random seed ({defaults.seed})")
-    p.add_argument("--guidance", dest="guidance_scale", type=float,
+    p.add_argument("--eta", type=float, metavar="E", help=f"DDIM eta ({defaults.eta})")
+    p.add_argument("--seed", type=int, metavar="K", help=f"random seed ({defaults.seed})")
+    p.add_argument("--guidance", dest="guidance_scale", type=float, metavar="W",
                    help="classifier-free guidance scale w (0: none); class-conditional models")
-    p.add_argument("--classes", dest="classes", type=split_names,
+    p.add_argument("--classes", type=split_names, metavar="A,B",
                    help="comma-separated class names to draw (all); class-conditional models")
-    p.add_argument("--batch-size", dest="batch_size", type=int,
+    p.add_argument("--batch-size", dest="batch_size", type=int, metavar="B",
                    help=f"images per batch ({defaults.batch_size})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA if available (auto)")
-    p.add_argument("--tracking-uri",
+    p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow store of models:/ and runs:/ URIs (MLFLOW_TRACKING_URI, else "
                         "the project's mlflow.db)")
     return p

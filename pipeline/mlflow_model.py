@@ -1,10 +1,10 @@
 """The trained EMA model as an MLflow pyfunc model, logged as "models from code".
 
-MLflow runs this file to rebuild the model (https://mlflow.org/docs/latest/ml/model/models-from-code/);
-nothing of it is pickled. Its one artifact, `ema`, is the EMA weights file that pipeline.training
-writes, read by pipeline.io.load_torch (weights only: a crafted file is refused, never run).
-pipeline.tracking.Run.log_ema_model logs it with the pipeline package as its code, so it loads
-anywhere MLflow and torch are installed:
+MLflow runs this file to rebuild the model; nothing of it is pickled
+(https://mlflow.org/docs/latest/ml/model/models-from-code/). Its one artifact, `ema`, is the EMA
+weights file that pipeline.training writes, read by pipeline.io.load_torch (weights only: a
+crafted file is refused, never run). pipeline.tracking.Run.log_ema_model logs it with the
+pipeline package as its code, so it loads anywhere MLflow and torch are installed:
 
     model = mlflow.pyfunc.load_model("models:/simple-diffusion/latest")
     images = model.predict(pd.DataFrame([{"num_images": 16, "seed": 0, "method": "ddim",

@@ -289,9 +289,11 @@ class Run:
         `model`, and register it as a new version of `registered_name` ("": do not register).
 
         Returns the URI to load it by: models:/NAME/VERSION, or models:/MODEL_ID unregistered.
-        MLflow runs the input example through the model, to record the output's shape.
+        MLflow runs the input example through the model, to record the output's shape, and
+        links the run's metrics at the model's training step to the model.
         """
-        example = pd.DataFrame([example_request(load_ema_model(path, torch.device("cpu")))])
+        trained = load_ema_model(path, torch.device("cpu"))
+        example = pd.DataFrame([example_request(trained)])
         requirements = [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
         # Created here, so that the model lands in the run's experiment (Model.log would put it
         # in the global, default one).
@@ -299,7 +301,7 @@ class Run:
             self.client.get_run(self.id).info.experiment_id, name="model", source_run_id=self.id)
         with global_tracking_uri(self.client.tracking_uri):
             info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc,
-                             run_id=self.id, model_id=model.model_id,
+                             run_id=self.id, model_id=model.model_id, step=trained.step,
                              python_model=str(MODEL_CODE), artifacts={"ema": str(path)},
                              code_paths=[str(MODEL_CODE.parent)], input_example=example,
                              pip_requirements=requirements,
