@@ -137,6 +137,7 @@ class TrackingParams:
     uri: str = ""  # "" = sqlite:///mlflow.db in the project root; MLFLOW_TRACKING_URI wins
     experiment: str = "simple-diffusion"
     required: bool = True  # an unreachable store stops the stage; false: go on, NOT tracked
+    registered_model: str = "simple-diffusion"  # registry name of the EMA model; "" = log only
 
 
 @dataclass(frozen=True)

@@ -2,20 +2,33 @@
 
 A class-conditional model draws the classes of `sample.classes` (all if empty) and may sample
 with classifier-free guidance (`sample.guidance_scale`, see pipeline.sampler.guided).
+
+Also the command-line generator (`main`, at the bottom; docs/generate.md):
+
+    python -m pipeline.generate --model models:/simple-diffusion/latest --num 64 --out grid.png
+
+MODEL is a registered model (models:/NAME/VERSION or latest), a run's logged model
+(runs:/RUN_ID/model) or a local ema.pt. Of an MLflow model only the weights file is read, through
+pipeline.io.load_torch: a model is never unpickled, so a crafted file cannot run code.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from PIL import Image
 
-from pipeline.config import SampleParams, from_dict
+from pipeline.config import SampleParams, TrackingParams, from_dict
 from pipeline.data import grid_image, to_uint8
 from pipeline.io import load_torch, save_image
 from pipeline.noise_scheduler import NoiseScheduler
@@ -135,3 +148,158 @@ def progression_image(intermediates: list[torch.Tensor], rows: int = 8, columns:
     steps = [intermediates[int(i)][:rows] for i in picks]
     tiles = torch.stack(steps, dim=1).flatten(0, 1)  # row-major: sample, then step
     return grid_image(tiles, columns=len(steps))
+
+
+def sample_params(options: dict[str, Any]) -> SampleParams:
+    """SampleParams from `sample.*` keys (the others take their defaults), checked as params.yaml
+    is: a bad value raises ParamsError naming the key and what is allowed."""
+    return from_dict({"sample": options}, check_combinations=False).sample
+
+
+def split_names(text: str) -> list[str]:
+    """Class names from a comma-separated list: "3, 7" -> ["3", "7"]; "" -> [] (all classes)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+# The MLflow model's input (pipeline/mlflow_model.py) is a table with one row per request: these
+# columns, with sample.* meanings; `classes` is comma-separated.
+def example_request(trained: TrainedModel) -> dict[str, Any]:
+    """A request for 4 images with DDIM: the input example the model is logged with."""
+    return {"num_images": 4, "seed": 0, "method": "ddim",
+            "num_steps": min(25, trained.scheduler.num_timesteps), "eta": 0.0,
+            "guidance_scale": 0.0, "classes": ""}
+
+
+def request_params(request: dict[str, Any]) -> tuple[SampleParams, int]:
+    """The sampling params and the image count of one request (a row like example_request's)."""
+    options = dict(request)
+    num_images = options.pop("num_images")
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images = {num_images!r} must be a positive integer")
+    options["classes"] = split_names(options.get("classes") or "")
+    return sample_params(options), num_images
+
+
+# The command line. Each sampling option sets the sample.* key it names; errors say the option.
+OPTIONS = {"--method": "method", "--steps": "num_steps", "--eta": "eta", "--seed": "seed",
+           "--guidance": "guidance_scale", "--classes": "classes", "--batch-size": "batch_size"}
+MLFLOW_SCHEMES = ("models:/", "runs:/")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        self.exit(2, f"generate: error: {message} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    defaults = SampleParams()
+    p = _Parser(prog="python -m pipeline.generate",
+                description="Generate images with a trained simple-diffusion model.")
+    p.add_argument("--model", required=True,
+                   help="models:/NAME/VERSION (or latest), runs:/RUN_ID/PATH, or a local ema.pt")
+    p.add_argument("--num", type=int, metavar="N", required=True, help="number of images")
+    p.add_argument("--out", type=Path, required=True, metavar="PNG", help="grid of all images")
+    p.add_argument("--out-dir", type=Path, metavar="DIR",
+                   help="also one PNG per image here (its PNG files are replaced)")
+    p.add_argument("--method", help=f"ddpm | ddim | dpmpp_2m ({defaults.method})")
+    p.add_argument("--steps", dest="num_steps", type=int, metavar="S",
+                   help=f"sampling steps ({defaults.num_steps}); at most the model's timesteps")
+    p.add_argument("--eta", type=float, metavar="E", help=f"DDIM eta ({defaults.eta})")
+    p.add_argument("--seed", type=int, metavar="K", help=f"random seed ({defaults.seed})")
+    p.add_argument("--guidance", dest="guidance_scale", type=float, metavar="W",
+                   help="classifier-free guidance scale w (0: none); class-conditional models")
+    p.add_argument("--classes", type=split_names, metavar="A,B",
+                   help="comma-separated class names to draw (all); class-conditional models")
+    p.add_argument("--batch-size", dest="batch_size", type=int, metavar="B",
+                   help=f"images per batch ({defaults.batch_size})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA if available (auto)")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow store of models:/ and runs:/ URIs (MLFLOW_TRACKING_URI, else "
+                        "the project's mlflow.db)")
+    return p
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return default_device()
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def fetch_weights(model: str, uri: str | None, folder: Path) -> Path:
+    """The EMA weights file that `model` names: a local file, or the `ema` artifact of an MLflow
+    model downloaded into `folder`."""
+    if not model.startswith(MLFLOW_SCHEMES):
+        if not Path(model).is_file():
+            raise ValueError(f"--model {model}: no such file; give a local ema.pt, "
+                             "models:/NAME/VERSION or runs:/RUN_ID/PATH")
+        return Path(model)
+    # Imported here: pipeline.tracking imports this module, and sampling alone needs no MLflow.
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from pipeline.tracking import check_readable, global_tracking_uri, tracking_uri
+
+    uri = uri or tracking_uri(TrackingParams())
+    check_readable(uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file
+    try:
+        with global_tracking_uri(uri):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model,
+                                                             dst_path=str(folder)))
+    except MlflowException as err:
+        raise ValueError(f"--model {model}: {err.message.splitlines()[0]}") from None
+    return local if local.is_file() else ema_artifact(local, model)
+
+
+def ema_artifact(folder: Path, model: str) -> Path:
+    """The weights file of a downloaded MLflow model, as its MLmodel file names it."""
+    try:
+        mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+        relative = mlmodel["flavors"]["python_function"]["artifacts"]["ema"]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        raise ValueError(f"--model {model}: not a simple-diffusion model (no MLmodel file "
+                         "naming an 'ema' artifact)") from None
+    return folder / relative
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    if args.num < 1:
+        raise ValueError(f"--num {args.num}: must be at least 1")
+    p = sample_params({key: getattr(args, key) for key in OPTIONS.values()
+                       if getattr(args, key) is not None})
+    device = pick_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="generate-") as folder:
+        weights = fetch_weights(args.model, args.tracking_uri, Path(folder))
+        try:
+            trained = load_ema_model(weights, device)
+        except ValueError as err:  # UnsafeFileError, CorruptFileError, ParamsError
+            raise ValueError(f"--model {args.model}: {err}") from None
+        except KeyError as err:
+            raise ValueError(f"--model {args.model}: not an EMA model file (the ema.pt of "
+                             f"pipeline.training): it has no {err}") from None
+    if p.num_steps > trained.scheduler.num_timesteps:
+        raise ValueError(f"--steps {p.num_steps}: more than the model's "
+                         f"{trained.scheduler.num_timesteps} timesteps")
+    images, _ = generate(trained, p, num_images=args.num)
+    save_image(grid_image(images), args.out)
+    if args.out_dir:
+        write_samples(images, args.out_dir)
+    print(f"generate: {len(images)} images with {p.method}, {p.num_steps} steps, seed {p.seed}, "
+          f"on {device.type} -> {args.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        run_cli(args)
+    except ValueError as err:  # bad options, params, files and stores: one line, no traceback
+        message = str(err)
+        for option, key in OPTIONS.items():
+            message = message.replace(f"sample.{key}", option)
+        sys.exit(f"generate: error: {message}")
+
+
+if __name__ == "__main__":
+    main()

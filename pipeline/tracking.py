@@ -18,6 +18,11 @@ If not, it raises `TrackingUnavailable` naming the URI, or, with `tracking.requi
 says that the run is NOT tracked and returns an `Untracked` stand-in with the same methods.
 URIs are printed and logged only through `redact`, which masks credentials.
 
+The final EMA model is logged as an MLflow model of the training run (`Run.log_ema_model`), in
+MLflow's "models from code" form: pipeline/mlflow_model.py defines it, the EMA weights file is
+its artifact, the pipeline package its code, so nothing is pickled; it is registered in the model
+registry under `tracking.registered_model`, a new version per training.
+
 Queued experiments write to one SQLite store at once. MLflow waits up to 20 s for the database
 lock (`PRAGMA busy_timeout`, mlflow/store/db/utils.py), which is plenty for the milliseconds a
 write holds it; but in SQLite's default rollback-journal mode a write also waits until every
@@ -35,13 +40,19 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import pandas as pd
+import torch
 from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
@@ -49,9 +60,14 @@ from PIL import Image
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config import Params, TrackingParams, flatten
+from pipeline.generate import example_request, load_ema_model
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: nests a run under another in the UI
 REACH_TIMEOUT_S = 5  # an MLflow server that has not answered by then counts as unreachable
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # the pyfunc model, "models from code"
+# What the logged model needs to load and sample (pinned to this environment's versions):
+# MLflow would otherwise infer it by loading the model once more in a subprocess.
+MODEL_REQUIREMENTS = ("torch", "numpy", "pandas", "pillow", "pyyaml", "tqdm", "mlflow")
 _USERINFO = re.compile(r"(?<=://)[^/\s?#]*@")  # user:password@ (greedy: a password may hold @)
 _QUERY_VALUE = re.compile(r"([?&][^=&#\s]+=)[^&#\s]*")  # ?token=..., &password=...
 
@@ -132,6 +148,14 @@ def _server_problem(uri: str) -> str | None:
     except MlflowException as err:
         return redact(err.message)
     return f"/health answers HTTP {response.status_code}" if response.status_code >= 500 else None
+
+
+def check_readable(uri: str) -> None:
+    """check_store for a reader, which also needs a SQLite store to exist: MLflow would quietly
+    create an empty one and then report every model as missing."""
+    check_store(uri)
+    if uri.startswith("sqlite:") and not _sqlite_path(uri).is_file():
+        raise TrackingUnavailable(f"MLflow tracking store {redact(uri)} does not exist")
 
 
 def _sqlite_path(uri: str) -> Path:
@@ -261,6 +285,32 @@ class Run:
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.id, status)
 
+    def log_ema_model(self, path: Path, registered_name: str) -> str:
+        """Log the EMA weights file `path` (pipeline.training's ema.pt) as this run's MLflow model
+        `model`, and register it as a new version of `registered_name` ("": do not register).
+
+        Returns the URI to load it by: models:/NAME/VERSION, or models:/MODEL_ID unregistered.
+        MLflow runs the input example through the model, to record the output's shape, and
+        links the run's metrics at the model's training step to the model.
+        """
+        trained = load_ema_model(path, torch.device("cpu"))
+        example = pd.DataFrame([example_request(trained)])
+        requirements = [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
+        # Created here, so that the model lands in the run's experiment (Model.log would put it
+        # in the global, default one).
+        model = self.client.create_logged_model(
+            self.client.get_run(self.id).info.experiment_id, name="model", source_run_id=self.id)
+        with global_tracking_uri(self.client.tracking_uri):
+            info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc,
+                             run_id=self.id, model_id=model.model_id, step=trained.step,
+                             python_model=str(MODEL_CODE), artifacts={"ema": str(path)},
+                             code_paths=[str(MODEL_CODE.parent)], input_example=example,
+                             pip_requirements=requirements,
+                             registered_model_name=registered_name or None)
+        if info.registered_model_version is None:
+            return info.model_uri
+        return f"models:/{registered_name}/{info.registered_model_version}"
+
     def last_step(self, key: str) -> int | None:
         """The largest step logged under `key` in this run, as a metric or an image series
         (log_image names its files images/<key>+step+<step>+...), None if none: a resumed
@@ -270,6 +320,22 @@ class Run:
         steps += [int(m.group(1)) for a in self.client.list_artifacts(self.id, "images")
                   if (m := image.match(a.path))]
         return max(steps, default=None)
+
+
+@contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to `uri` for a while, for the MLflow functions that take
+    no client (mlflow.models.Model.log, and the lookup of runs:/ID/MODEL in
+    mlflow.artifacts.download_artifacts, which ignores its tracking_uri). Setting it also sets
+    MLFLOW_TRACKING_URI, which tracking_uri() reads, so that is put back as it was."""
+    environment = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # unset, as the project never sets it
+        if environment is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = environment
 
 
 class Untracked:
@@ -315,6 +381,9 @@ class UntrackedRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
+
+    def log_ema_model(self, path: Path, registered_name: str) -> None:
+        return None
 
     def last_step(self, key: str) -> int | None:
         return None
