@@ -311,6 +311,9 @@ class Run:
             return info.model_uri
         return f"models:/{registered_name}/{info.registered_model_version}"
 
+    def tag(self, key: str) -> str | None:
+        return self.client.get_run(self.id).data.tags.get(key)
+
     def last_step(self, key: str) -> int | None:
         """The largest step logged under `key` in this run, as a metric or an image series
         (log_image names its files images/<key>+step+<step>+...), None if none: a resumed
@@ -383,6 +386,9 @@ class UntrackedRun:
         pass
 
     def log_ema_model(self, path: Path, registered_name: str) -> None:
+        return None
+
+    def tag(self, key: str) -> str | None:
         return None
 
     def last_step(self, key: str) -> int | None:

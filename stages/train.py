@@ -25,6 +25,7 @@ from pipeline.unet import build_model, count_parameters
 from stages import run
 
 OUT = Path("outputs/train")
+MODEL_TAG = "ema_model_uri"  # set once the EMA model is logged (and registered)
 
 
 def main() -> None:
@@ -72,7 +73,13 @@ def record(params, state, mlflow_run) -> None:
     save_json(metrics, OUT / "metrics.json")
     if (mlflow_run.last_step("train/final_loss") or 0) < state.step:  # not after a late kill
         mlflow_run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, state.step)
+    model_uri = mlflow_run.tag(MODEL_TAG)
+    if model_uri is None and mlflow_run.id is not None:  # once, also after a late kill
+        model_uri = mlflow_run.log_ema_model(OUT / "ema.pt", params.tracking.registered_model)
+        mlflow_run.set_tags({MODEL_TAG: model_uri})
     mlflow_run.finish()
+    if model_uri:
+        print(f"train: EMA model logged to MLflow as {model_uri}")
     print(f"train: {state.step} steps, final loss {metrics['final_loss']:.4f}, "
           f"{metrics['images_per_s']:.0f} images/s")
 
