@@ -27,6 +27,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from playwright.sync_api import expect, sync_playwright
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,8 +147,6 @@ def training_run(project):
 @pytest.fixture(scope="module")
 def browser():
     executable = chromium()
-    from playwright.sync_api import expect, sync_playwright
-
     expect.set_options(timeout=30_000)  # the UI loads slowly on a busy 2-core machine
 
     with sync_playwright() as playwright:
@@ -174,8 +173,6 @@ def row(page, name: str):
 
 
 def test_experiment_page_lists_the_run(page, mlflow_ui, training_run):
-    from playwright.sync_api import expect
-
     experiment_id, run = training_run
     page.goto(f"{mlflow_ui}/#/experiments/{experiment_id}/runs")
     link = page.get_by_role("link", name=run.info.run_name, exact=True)
@@ -186,13 +183,12 @@ def test_experiment_page_lists_the_run(page, mlflow_ui, training_run):
 
 
 def test_run_page_shows_params_and_metrics(page, mlflow_ui, project, training_run):
-    from playwright.sync_api import expect
-
     experiment_id, run = training_run
     page.goto(f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
     expect(row(page, "train.steps").get_by_role("cell").last).to_have_text(
         str(TINY["train"]["steps"]))
-    expect(row(page, "model.base_channels").get_by_role("cell").last).to_have_text("8")
+    expect(row(page, "model.base_channels").get_by_role("cell").last).to_have_text(
+        str(TINY["model"]["base_channels"]))
     evaluation = json.loads((project / "outputs/evaluate/metrics.json").read_text())
     for name in ("classifier_fd", "class_coverage", "num_samples"):
         cell = row(page, name).get_by_role("cell").last
@@ -201,8 +197,6 @@ def test_run_page_shows_params_and_metrics(page, mlflow_ui, project, training_ru
 
 
 def test_model_metrics_tab_draws_the_loss_curve(page, mlflow_ui, project, training_run):
-    from playwright.sync_api import expect
-
     experiment_id, run = training_run
     page.goto(f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}/model-metrics")
     page.get_by_placeholder("Search metric charts").fill("loss")
@@ -216,12 +210,13 @@ def test_model_metrics_tab_draws_the_loss_curve(page, mlflow_ui, project, traini
     expect(chart.locator("path.js-line").first).to_have_attribute(
         "d", re.compile(rf"^M{vertex}(L{vertex}){{{logged - 1}}}$"))
     page.wait_for_timeout(500)  # let the chart's transition settle before the screenshot
-    page.screenshot(path=os.environ.get(SCREENSHOT_ENV) or project / "mlflow-ui.png")
+    screenshot = Path(os.environ.get(SCREENSHOT_ENV) or project / "mlflow-ui.png")
+    page.screenshot(path=screenshot)
+    with Image.open(screenshot) as image:
+        assert image.format == "PNG" and image.size == (1400, 900)
 
 
 def test_artifacts_tab_shows_the_sample_grid(page, mlflow_ui, project, training_run):
-    from playwright.sync_api import expect
-
     experiment_id, run = training_run
     page.goto(f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}/artifacts")
     page.get_by_text("samples", exact=True).click()
