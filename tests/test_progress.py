@@ -62,7 +62,7 @@ def test_rate_defaults_to_units_over_elapsed_time():
     assert out.getvalue().splitlines() == ["ddpm: step 0/100", "ddpm: step 20/100 5 it/s eta 16s"]
 
 
-def test_terminal_bar_shows_loss_rate_and_eta(monkeypatch):
+def test_terminal_bar_shows_loss_rate_and_eta():
     clock, out = Clock(), io.StringIO()
     progress = Progress(1500, "train", stream=out, terminal=True, clock=clock)
     clock.now = 40.0
