@@ -9,6 +9,9 @@
   download, and the "floor" (real training images in place of samples, at the same count)
   shows what a perfect model would score.
 - The class histogram of the samples under that classifier: how evenly they cover the classes.
+
+Each FD/KID shows its progress (pipeline/progress.py) by the images its feature extractor has
+read: the Inception network takes minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -21,22 +24,31 @@ import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from pipeline.classifier import load_classifier, predict
+from pipeline.classifier import load_classifier
+from pipeline.progress import Progress
 
 CLASSIFIER_EXTRACTOR = "simple-diffusion-classifier"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
 class Images(Dataset):
-    """uint8 images [N, C, H, W] as torch-fidelity reads them; grey becomes RGB for Inception."""
+    """uint8 images [N, C, H, W] as torch-fidelity reads them; grey becomes RGB for Inception.
 
-    def __init__(self, images: torch.Tensor, rgb: bool = False) -> None:
+    Reading image i moves `progress` to offset + i + 1: torch-fidelity reads the images in
+    order, in this process (save_cpu_ram), after one look at image 0 to check its type.
+    """
+
+    def __init__(self, images: torch.Tensor, rgb: bool = False,
+                 progress: Progress | None = None, offset: int = 0) -> None:
         self.images = images.expand(-1, 3, -1, -1) if rgb and images.shape[1] == 1 else images
+        self.progress, self.offset = progress, offset
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        if self.progress is not None:
+            self.progress.update(self.offset + i + 1)
         return self.images[i]
 
 
@@ -78,16 +90,21 @@ if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
 
 def fid_kid(samples: torch.Tensor, reference: torch.Tensor, *, extractor: str,
             weights: str | None, kid_subset_size: int, batch_size: int, seed: int,
-            reference_cache: str | None = None) -> dict[str, float]:
-    """Frechet distance and KID (mean, std over subsets) between two uint8 image sets."""
+            reference_cache: str | None = None, desc: str = "FD/KID") -> dict[str, float]:
+    """Frechet distance and KID (mean, std over subsets) between two uint8 image sets; the
+    progress bar `desc` counts the images read."""
     rgb = extractor != CLASSIFIER_EXTRACTOR
+    progress = Progress(len(samples) + len(reference), f"evaluate: {desc}", unit="image")
     result = torch_fidelity.calculate_metrics(
-        input1=Images(samples, rgb), input2=Images(reference, rgb), fid=True, kid=True,
+        input1=Images(samples, rgb, progress),
+        input2=Images(reference, rgb, progress, offset=len(samples)),
+        fid=True, kid=True,
         feature_extractor=extractor, feature_extractor_weights_path=weights,
         kid_subset_size=min(kid_subset_size, len(samples), len(reference)),
         batch_size=batch_size, cuda=torch.cuda.is_available(), rng_seed=seed,
         cache=reference_cache is not None, input2_cache_name=reference_cache,
         save_cpu_ram=True, verbose=False)  # save_cpu_ram: no DataLoader worker processes
+    progress.close()
     return {"fd": result["frechet_inception_distance"],
             "kid": result["kernel_inception_distance_mean"],
             "kid_std": result["kernel_inception_distance_std"]}
@@ -101,7 +118,7 @@ def inception_metrics(samples: torch.Tensor, reference: torch.Tensor, weights: s
                     f"{how_to_get_inception()}")
     try:
         values = fid_kid(samples, reference, extractor="inception-v3-compat",
-                         weights=weights or None, **kwargs)
+                         weights=weights or None, desc="Inception FID/KID", **kwargs)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
         return {}, f"the Inception-v3 weights could not be downloaded ({err}). " \
                    f"{how_to_get_inception()}"
@@ -133,16 +150,18 @@ def class_metrics(predicted: torch.Tensor, reference_labels: torch.Tensor,
     return metrics
 
 
-def domain_metrics(samples: torch.Tensor, train_images: torch.Tensor, reference_images: torch.Tensor,
-                   reference_labels: torch.Tensor, classes: tuple[str, ...], classifier_path: Path,
-                   kid_subset_size: int, batch_size: int, seed: int) -> dict[str, float]:
-    """Classifier-space FD/KID of the samples and of the floor, plus the class histogram."""
+def domain_metrics(samples: torch.Tensor, predicted: torch.Tensor, train_images: torch.Tensor,
+                   reference_images: torch.Tensor, reference_labels: torch.Tensor,
+                   classes: tuple[str, ...], classifier_path: Path, kid_subset_size: int,
+                   batch_size: int, seed: int) -> dict[str, float]:
+    """Classifier-space FD/KID of the samples and of the floor, plus the class histogram of
+    `predicted`, the classifier's classes of the samples (pipeline.classifier.predict)."""
     kwargs = dict(extractor=CLASSIFIER_EXTRACTOR, weights=str(classifier_path),
                   kid_subset_size=kid_subset_size, batch_size=batch_size, seed=seed)
-    generated = fid_kid(samples, reference_images, **kwargs)
+    generated = fid_kid(samples, reference_images, desc="classifier FD/KID", **kwargs)
     pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))
-    floor = fid_kid(train_images[pick[:len(samples)]], reference_images, **kwargs)
-    predicted = predict(load_classifier(classifier_path), samples)
+    floor = fid_kid(train_images[pick[:len(samples)]], reference_images,
+                    desc="classifier FD/KID floor", **kwargs)
     return {"classifier_fd": generated["fd"], "classifier_kid": generated["kid"],
             "classifier_kid_std": generated["kid_std"],
             "floor_classifier_fd": floor["fd"], "floor_classifier_kid": floor["kid"],

@@ -56,9 +56,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from pipeline.noise_scheduler import VARIANCE_TYPES, NoiseScheduler, check_choice, posterior_coefficients
+from pipeline.progress import progress_bar
 
 METHODS = ("ddpm", "ddim", "dpmpp_2m")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -177,7 +177,7 @@ def sample(
         device: where to sample.
         return_intermediates: also return x0_hat of every step (S tensors of ``shape``), e.g. for
             a figure of the denoising progression.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar (plain lines when stderr is not a terminal).
 
     Returns:
         The samples, or (samples, list of x0_hat per step) with ``return_intermediates``.
@@ -196,7 +196,9 @@ def sample(
     x = torch.randn(tuple(shape), generator=generator, device=device)
     predictions = []
     x0_last = None
-    schedule = tqdm(zip(steps, updates), total=len(steps), desc=method, disable=not progress)
+    schedule = zip(steps, updates)
+    if progress:
+        schedule = progress_bar(schedule, len(steps), method)
     for t, (coef_x0, coef_xt, sigma, extrapolation) in schedule:
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
         x0 = scheduler.predict_x0(model(x, t_batch), x, t)

@@ -19,6 +19,8 @@ from pipeline.checkpoint import Checkpoints
 from pipeline.config import check_data_size, load_params
 from pipeline.data import ImageSet
 from pipeline.io import save_json
+from pipeline.plots import save_loss_curve
+from pipeline.progress import TrainProgress
 from pipeline.tracking import UntrackedRun, connect
 from pipeline.training import Interrupted, fingerprint, save_history, summary, train
 from pipeline.unet import build_model, count_parameters
@@ -52,7 +54,8 @@ def train_and_record(params, world: distributed.World) -> None:
     else:
         mlflow_run = UntrackedRun()
     try:
-        state = train(params, data, OUT, mlflow_run, run_id=mlflow_run.id, world=world)
+        logger = TrainProgress(mlflow_run, params.train) if world.is_main else mlflow_run
+        state = train(params, data, OUT, logger, run_id=mlflow_run.id, world=world)
     except Interrupted as stop:
         mlflow_run.finish("KILLED")
         print(f"train: {stop}", file=sys.stderr)
@@ -70,6 +73,7 @@ def train_and_record(params, world: distributed.World) -> None:
 def record(params, state, mlflow_run) -> None:
     metrics = summary(state, count_parameters(build_model(params)))
     save_history(OUT / "history.csv", state.history)
+    save_loss_curve(state.history, OUT / "loss.png")
     save_json(metrics, OUT / "metrics.json")
     if (mlflow_run.last_step("train/final_loss") or 0) < state.step:  # not after a late kill
         mlflow_run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, state.step)

@@ -67,11 +67,14 @@ def test_classifier_fd_matches_an_independent_computation(classifier_file):
     assert got["fd"] > 0.1 and got["kid"] > 0
 
 
-def test_identical_sets_score_zero(classifier_file):
+def test_identical_sets_score_zero(classifier_file, capsys):
     a = bars(200, 4).images
     got = metrics.fid_kid(a, a.clone(), extractor=metrics.CLASSIFIER_EXTRACTOR,
                           weights=str(classifier_file), kid_subset_size=50, batch_size=64, seed=0)
     assert abs(got["fd"]) < 1e-6
+    # Progress counts every image read once: it ends exactly at both sets' total.
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("evaluate: FD/KID: image 400/400 ")
 
 
 def test_class_metrics_by_hand():
@@ -86,9 +89,10 @@ def test_class_metrics_by_hand():
 def test_domain_metrics_floor_is_lower_than_a_bad_generator(classifier_file):
     train, reference = bars(400, 5), bars(300, 6)
     broken = torch.zeros_like(reference.images[:100])  # a generator that outputs black images
-    got = metrics.domain_metrics(broken, train.images, reference.images, reference.labels,
-                                 reference.classes, classifier_file, kid_subset_size=50,
-                                 batch_size=64, seed=0)
+    predicted = predict(load_classifier(classifier_file), broken)
+    got = metrics.domain_metrics(broken, predicted, train.images, reference.images,
+                                 reference.labels, reference.classes, classifier_file,
+                                 kid_subset_size=50, batch_size=64, seed=0)
     assert got["floor_classifier_fd"] < 0.1 * got["classifier_fd"]
     assert got["floor_classifier_kid"] < got["classifier_kid"]
     assert got["class_coverage"] == 0.5  # black images all land in one class
