@@ -87,25 +87,20 @@ def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = No
              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """uint8 images [N, C, H, W] from the configured sampler, in batches, seeded by p.seed.
 
-    A class-conditional model draws each image's class uniformly from p.classes, or takes the
-    given `labels` (one per image, which then sets N). With return_intermediates, also the x0
-    predictions of every step of the first batch.
+    A class-conditional model draws image i of class `draw_labels(...)[i]`, or of `labels[i]`
+    when given (which then sets N). With return_intermediates, also the x0 predictions of every
+    step of the first batch.
     """
     model = trained.model
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(p.seed)
-    choices = torch.tensor(class_indices(trained, p.classes), dtype=torch.long, device=device)
     num_images = len(labels) if labels is not None else num_images or p.num_images
+    if labels is None:
+        labels = draw_labels(trained, p, num_images)
     images, intermediates = [], []
     for start in range(0, num_images, p.batch_size):
         n = min(p.batch_size, num_images - start)
-        if labels is not None:
-            batch_labels = labels[start:start + n].to(device)
-        elif model.num_classes:
-            batch_labels = choices[torch.randint(len(choices), (n,), generator=generator,
-                                                 device=device)]
-        else:
-            batch_labels = None
+        batch_labels = labels[start:start + n].to(device) if labels is not None else None
         out = sample(denoiser(model, batch_labels, p.guidance_scale), trained.scheduler,
                      (n, model.in_channels, model.image_size, model.image_size),
                      method=p.method, num_steps=p.num_steps, eta=p.eta,
@@ -116,6 +111,16 @@ def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = No
             out, intermediates = out
         images.append(to_uint8(out.cpu()))
     return torch.cat(images), [to_uint8(x.cpu()) for x in intermediates]
+
+
+def draw_labels(trained: TrainedModel, p: SampleParams, num_images: int) -> torch.Tensor | None:
+    """The requested class of each image: uniform over p.classes (all if empty), seeded by
+    p.seed on the CPU (the same on every device); None for an unconditional model."""
+    choices = torch.tensor(class_indices(trained, p.classes), dtype=torch.long)
+    if not len(choices):
+        return None
+    generator = torch.Generator().manual_seed(p.seed)
+    return choices[torch.randint(len(choices), (num_images,), generator=generator)]
 
 
 def class_grid(trained: TrainedModel, p: SampleParams, per_class: int = 8) -> Image.Image:

@@ -150,6 +150,18 @@ def class_metrics(predicted: torch.Tensor, reference_labels: torch.Tensor,
     return metrics
 
 
+def conditional_accuracy(predicted: torch.Tensor, requested: torch.Tensor, sample_classes: list[str],
+                         classes: tuple[str, ...]) -> float:
+    """The share of samples that the domain classifier assigns to the class they were drawn
+    for (Ho & Salimans 2022 report the Inception-classifier analogue, sec. 4). `requested`
+    indexes the model's `sample_classes`, `predicted` the classifier's `classes`."""
+    unknown = sorted(set(sample_classes) - set(classes))
+    if unknown:
+        raise ValueError(f"the model's classes {unknown} are not among the evaluation classes")
+    to_reference = torch.tensor([classes.index(name) for name in sample_classes])
+    return (predicted == to_reference[requested]).double().mean().item()
+
+
 def domain_metrics(samples: torch.Tensor, predicted: torch.Tensor, train_images: torch.Tensor,
                    reference_images: torch.Tensor, reference_labels: torch.Tensor,
                    classes: tuple[str, ...], classifier_path: Path, kid_subset_size: int,

@@ -21,13 +21,14 @@ from pipeline.config import Params, SampleParams, load_params
 from pipeline.data import ImageSet, load_folder
 from pipeline.generate import class_grid, load_ema_model
 from pipeline.io import load_torch, save_image, save_json
-from pipeline.metrics import domain_metrics, inception_metrics
+from pipeline.metrics import conditional_accuracy, domain_metrics, inception_metrics
 from pipeline.plots import grid_by_class
 from pipeline.tracking import Tracker, Untracked, connect
 from stages import run
 
 OUT = Path("outputs/evaluate")
 CLASSIFIER = Path("outputs/classifier/model.pt")
+LABELS = Path("outputs/sample/labels.json")
 IMAGES = [Path("outputs/sample/grid.png"), Path("outputs/sample/progression.png"),
           OUT / "class_grid.png"]  # logged to MLflow under samples/
 
@@ -49,6 +50,10 @@ def main() -> None:
     metrics["classifier_test_accuracy"] = json.loads(
         Path("outputs/classifier/metrics.json").read_text())["test_accuracy"]
     metrics["num_samples"] = len(samples)
+    drawn = json.loads(LABELS.read_text())
+    if drawn["labels"] is not None:  # a class-conditional model: did it draw what was asked?
+        metrics["conditional_accuracy"] = conditional_accuracy(
+            predicted, torch.tensor(drawn["labels"]), drawn["classes"], reference.classes)
     inception, skipped = ({}, "evaluate.inception is false") if not p.inception else \
         inception_metrics(samples, reference.images, p.inception_weights, **common)
     metrics.update(inception)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.config import ParamsError, SampleParams, from_dict
-from pipeline.generate import TrainedModel, class_grid, generate
+from pipeline.generate import TrainedModel, class_grid, draw_labels, generate
 from pipeline.noise_scheduler import NoiseScheduler, offset_noise
 from pipeline.sampler import drop_labels
 from pipeline.training import train_step
@@ -108,13 +108,14 @@ def sample_params(**overrides) -> SampleParams:
     return from_dict({"sample": {"num_images": 6, "batch_size": 4, "num_steps": 2, **overrides}}).sample
 
 
-def test_generate_draws_classes_as_before_by_default():
+def test_generate_draws_uniform_classes_from_the_seed_and_says_which():
     model = trained()
     seen = seen_labels(model.model)
     generate(model, sample_params())
-    # The first draw of the seeded generator, uniform over all 3 classes (today's behaviour).
-    expected = torch.randint(3, (4,), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(seen[0], expected)
+    # Uniform over all 3 classes, from a CPU generator seeded with sample.seed.
+    expected = torch.randint(3, (6,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draw_labels(model, sample_params(), 6), expected)
+    assert torch.equal(torch.cat([seen[0], seen[-1]])[:6], expected)
 
 
 def test_generate_draws_only_the_chosen_classes():

@@ -156,3 +156,14 @@ def test_local_inception_weights_file_is_used(monkeypatch, tmp_path):
     expected = random_net.state_dict()
     assert loaded[-1].keys() == expected.keys()
     assert all(torch.equal(loaded[-1][k], expected[k]) for k in expected)
+
+
+def test_conditional_accuracy_maps_the_models_classes_onto_the_classifiers():
+    from pipeline.metrics import conditional_accuracy
+    classes = ("cat", "dog", "owl")  # the classifier's (reference) order
+    sample_classes = ["dog", "owl"]  # a model trained on two of them: its label 0 is "dog"
+    requested = torch.tensor([0, 0, 1, 1, 1])
+    predicted = torch.tensor([1, 0, 2, 2, 1])  # right, wrong, right, right, wrong
+    assert conditional_accuracy(predicted, requested, sample_classes, classes) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match=r"\['emu'\] are not among the evaluation classes"):
+        conditional_accuracy(predicted, requested, ["emu", "dog"], classes)
