@@ -121,8 +121,6 @@ def override_value(key: str, value: Any) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?", help="a preset; none: list them")
-    parser.add_argument("--params", default="params.yaml", type=Path,
-                        help="the params file the options change (default: params.yaml)")
     args = parser.parse_args(argv)
     if args.name is None:
         for name in preset_names():
@@ -130,11 +128,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:10} data: {preset.data:10} {preset.about}")
         return
     preset = find_preset(args.name)
-    options = set_options(preset, load_params(args.params))
+    options = set_options(preset, load_params("params.yaml"))  # the file `dvc exp run -S` changes
     print(" ".join(options))
-    print(f"preset {preset.name}: {len(options) // 2} keys differ from {args.params}; it trains "
-          f"on {preset.data}: put it in data/ first with "
-          f"`uv run python -m stages.get_data {preset.data}`", file=sys.stderr)
+    print(f"preset {preset.name}: {len(options) // 2} keys differ from params.yaml; it trains on "
+          f"{preset.data}, which `uv run python -m stages.get_data {preset.data}` puts in data/ "
+          "(docs/presets.md says how to switch back)", file=sys.stderr)
 
 
 if __name__ == "__main__":
