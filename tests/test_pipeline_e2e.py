@@ -128,6 +128,9 @@ def test_mlflow_holds_the_training_run(project, first_repro):
     assert math.isfinite(run.data.metrics["classifier_fd"])  # its latest evaluation
     assert evaluations[0].data.tags[PARENT_TAG] == run.info.run_id
     assert run.data.tags["inception_metrics"].startswith("skipped")
+    (version,) = client.search_model_versions("name='simple-diffusion'")  # the EMA model
+    assert version.run_id == run.info.run_id and version.version == "1"
+    assert run.data.tags["ema_model_uri"] == "models:/simple-diffusion/1"
 
 
 def test_second_repro_does_nothing(project, first_repro):
@@ -176,4 +179,6 @@ def test_temp_and_queued_experiments_land_in_the_same_store(project, first_repro
             assert steps == [5, 10, 15, 20], (run.data.params["train.seed"], key, steps)
         nested = [e for e in evaluations if e.data.tags[PARENT_TAG] == run.info.run_id]
         assert len(nested) == 1
+    versions = client.search_model_versions("name='simple-diffusion'")
+    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in training)
     assert not (project / ".dvc" / "tmp" / "exps" / "mlflow.db").exists()
