@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "both"), default="auto")
     parser.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     parser.add_argument("--configs", default="default,cifar10")
+    parser.add_argument("--tasks", default="train,sample")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the pipeline figures")
     # Proposals for pipeline/training.py, measured on the project side only:
     parser.add_argument("--fused-adamw", action="store_true", help="project: AdamW(fused=True)")
@@ -153,6 +154,8 @@ def main() -> None:
               f"{counts['reference']:,}" + (f" ({entry['architecture_difference']})"
                                             if entry["architecture_difference"] else ""))
         for task, task_precisions in precisions(args.precision, config.params, device).items():
+            if task not in args.tasks.split(","):
+                continue
             batch = config.train_batch if task == "train" else config.sample_batch
             flops = flops_per_image(config.params, task)
             for precision in task_precisions:
