@@ -207,7 +207,10 @@ class Tracker:
                 return client, found.experiment_id
             local = not uri.startswith(("http:", "https:", "databricks"))  # no server: files here
             location = (project_root() / "mlartifacts").as_uri() if local else None
-            return client, client.create_experiment(experiment, artifact_location=location)
+            # The UI opens an experiment of this kind on its training runs, not its GenAI views.
+            kind = {"mlflow.experimentKind": "custom_model_development"}
+            return client, client.create_experiment(experiment, artifact_location=location,
+                                                    tags=kind)
 
     def training_run(self, params: Params, run_id: str | None = None) -> Run:
         """Continue run `run_id` (a resumed training) if it exists, else start one."""

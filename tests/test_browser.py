@@ -172,6 +172,11 @@ def row(page, name: str):
     return page.get_by_role("row").filter(has=page.get_by_text(name, exact=True))
 
 
+def value(page, name: str):
+    """The value cell of that row (metrics of a run with a logged model have a third column)."""
+    return row(page, name).get_by_role("cell").nth(1)
+
+
 def test_experiment_page_lists_the_run(page, mlflow_ui, training_run):
     experiment_id, run = training_run
     page.goto(f"{mlflow_ui}/#/experiments/{experiment_id}/runs")
@@ -185,13 +190,11 @@ def test_experiment_page_lists_the_run(page, mlflow_ui, training_run):
 def test_run_page_shows_params_and_metrics(page, mlflow_ui, project, training_run):
     experiment_id, run = training_run
     page.goto(f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
-    expect(row(page, "train.steps").get_by_role("cell").last).to_have_text(
-        str(TINY["train"]["steps"]))
-    expect(row(page, "model.base_channels").get_by_role("cell").last).to_have_text(
-        str(TINY["model"]["base_channels"]))
+    expect(value(page, "train.steps")).to_have_text(str(TINY["train"]["steps"]))
+    expect(value(page, "model.base_channels")).to_have_text(str(TINY["model"]["base_channels"]))
     evaluation = json.loads((project / "outputs/evaluate/metrics.json").read_text())
     for name in ("classifier_fd", "class_coverage", "num_samples"):
-        cell = row(page, name).get_by_role("cell").last
+        cell = value(page, name)
         expect(cell).to_be_visible()
         assert float(cell.inner_text()) == pytest.approx(evaluation[name]), name
 

@@ -129,7 +129,7 @@ def test_mlflow_holds_the_training_run(project, first_repro):
     assert evaluations[0].data.tags[PARENT_TAG] == run.info.run_id
     assert run.data.tags["inception_metrics"].startswith("skipped")
     (version,) = client.search_model_versions("name='simple-diffusion'")  # the EMA model
-    assert version.run_id == run.info.run_id and version.version == "1"
+    assert version.run_id == run.info.run_id and int(version.version) == 1
     assert run.data.tags["ema_model_uri"] == "models:/simple-diffusion/1"
 
 
