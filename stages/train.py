@@ -16,13 +16,14 @@ from pathlib import Path
 
 from pipeline import distributed
 from pipeline.checkpoint import Checkpoints
-from pipeline.config import check_data_size, load_params
+from pipeline.config import Params, check_data_size, load_params
 from pipeline.data import ImageSet
 from pipeline.io import save_json
 from pipeline.plots import save_loss_curve
 from pipeline.progress import TrainProgress
-from pipeline.tracking import UntrackedRun, connect
-from pipeline.training import Interrupted, fingerprint, save_history, summary, train
+from pipeline.tracking import Run, UntrackedRun, connect
+from pipeline.training import (Interrupted, TrainState, fingerprint, save_history, summary,
+                               train)
 from pipeline.unet import build_model, count_parameters
 from stages import run
 
@@ -42,7 +43,7 @@ def main() -> None:
         distributed.teardown()
 
 
-def train_and_record(params, world: distributed.World) -> None:
+def train_and_record(params: Params, world: distributed.World) -> None:
     data = ImageSet.load("outputs/preprocess/train.pt")
     check_data_size(params, len(data))
     if world.is_main:
@@ -70,7 +71,7 @@ def train_and_record(params, world: distributed.World) -> None:
         record(params, state, mlflow_run)
 
 
-def record(params, state, mlflow_run) -> None:
+def record(params: Params, state: TrainState, mlflow_run: Run | UntrackedRun) -> None:
     metrics = summary(state, count_parameters(build_model(params)))
     save_history(OUT / "history.csv", state.history)
     save_loss_curve(state.history, OUT / "loss.png")

@@ -166,7 +166,7 @@ def closed_port() -> int:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", f"models:/no-such-model/latest"],
+    (["--model", "models:/no-such-model/latest"],
      "--model models:/no-such-model/latest: Registered Model with name=no-such-model not found"),
     (["--model", f"models:/{NAME}/7"], f"--model models:/{NAME}/7: "),
     (["--model", "runs:/0123456789abcdef/model"], "--model runs:/0123456789abcdef/model: Run"),
