@@ -41,21 +41,27 @@ class CorruptFileError(ValueError):
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it onto `path` only if the block succeeds."""
     path = Path(path)
+    tmp = temp_file_beside(path)
+    try:
+        yield tmp
+        fsync(tmp)
+        os.replace(tmp, path)
+        fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def temp_file_beside(path: Path) -> Path:
+    """A new empty file in `path`'s folder (made if missing), named after `path`, with the usual
+    permissions (mkstemp's are 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-    try:
-        yield Path(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return Path(tmp)
 
 
-def _fsync(path: str | Path) -> None:
+def fsync(path: str | Path) -> None:
     """Flush a file's or a folder's contents to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -23,13 +23,8 @@ MLflow's "models from code" form: pipeline/mlflow_model.py defines it, the EMA w
 its artifact, the pipeline package its code, so nothing is pickled; it is registered in the model
 registry under `tracking.registered_model`, a new version per training.
 
-Queued experiments write to one SQLite store at once. MLflow waits up to 20 s for the database
-lock (`PRAGMA busy_timeout`, mlflow/store/db/utils.py), which is plenty for the milliseconds a
-write holds it; but in SQLite's default rollback-journal mode a write also waits until every
-open read has ended, so a reader (`mlflow ui`, a script, a database browser) holds up training
-for as long as it reads and, past 20 s, fails it with "database is locked". The store is
-therefore switched to write-ahead logging (WAL, https://sqlite.org/wal.html), in which readers
-and the one writer do not wait for each other.
+Queued experiments, `mlflow ui` and scripts share one SQLite store: pipeline/sqlite_store.py
+creates it whole and switches it to write-ahead logging, so that none of them breaks another.
 """
 
 from __future__ import annotations
@@ -41,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -59,6 +54,7 @@ from mlflow.utils.rest_utils import http_request
 from PIL import Image
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline import sqlite_store
 from pipeline.config import Params, TrackingParams, flatten
 from pipeline.generate import example_request, load_ema_model
 
@@ -132,7 +128,7 @@ def check_store(uri: str) -> None:
     if uri.startswith(("http:", "https:")):
         problem = _server_problem(uri)
     elif uri.startswith("sqlite:"):
-        problem = _sqlite_problem(_sqlite_path(uri))
+        problem = sqlite_store.problem(sqlite_store.database_path(uri))
     else:
         problem = None
     if problem:
@@ -154,29 +150,8 @@ def check_readable(uri: str) -> None:
     """check_store for a reader, which also needs a SQLite store to exist: MLflow would quietly
     create an empty one and then report every model as missing."""
     check_store(uri)
-    if uri.startswith("sqlite:") and not _sqlite_path(uri).is_file():
+    if uri.startswith("sqlite:") and not sqlite_store.database_path(uri).is_file():
         raise TrackingUnavailable(f"MLflow tracking store {redact(uri)} does not exist")
-
-
-def _sqlite_path(uri: str) -> Path:
-    return Path(uri.removeprefix("sqlite:").removeprefix("///"))
-
-
-def _sqlite_problem(database: Path) -> str | None:
-    # MLflow creates missing folders, so the nearest existing one must take new files (SQLite
-    # writes its journal beside the database).
-    folder = next(f for f in [database.parent, *database.parent.parents] if f.exists())
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        return f"cannot create files in {folder}"
-    if database.exists() and not os.access(database, os.W_OK):
-        return f"{database} is read-only"
-    return None
-
-
-def use_write_ahead_log(database: Path) -> None:
-    """Switch a SQLite store to WAL mode (kept in the file): readers stop holding up writes."""
-    with closing(sqlite3.connect(database, timeout=60)) as db:
-        db.execute("PRAGMA journal_mode=WAL")
 
 
 class Tracker:
@@ -195,13 +170,12 @@ class Tracker:
                 f"MLflow tracking store {self.uri} cannot be used: {redact(str(err))}") from None
 
     def _connect(self, uri: str, experiment: str) -> tuple[MlflowClient, str]:
-        # Queued experiments start side by side: the first contact creates the database (the
-        # client does, when it is made) and the experiment, which two processes must not do at
-        # once.
+        # Queued experiments start side by side: the first contact creates the store and the
+        # experiment, which two processes must not do at once.
         with FileLock(str(project_root() / ".mlflow.lock"), timeout=600):
-            client = MlflowClient(uri)
             if uri.startswith("sqlite:"):
-                use_write_ahead_log(_sqlite_path(uri))
+                sqlite_store.prepare(sqlite_store.database_path(uri))
+            client = MlflowClient(uri)
             found = client.get_experiment_by_name(experiment)
             if found is not None:
                 return client, found.experiment_id
