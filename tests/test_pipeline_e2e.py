@@ -13,10 +13,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
+from pipeline.classifier import load_classifier, predict
 from pipeline.fetch import MIRROR_ENV
 from pipeline.tracking import PARENT_TAG
 
@@ -182,3 +186,26 @@ def test_temp_and_queued_experiments_land_in_the_same_store(project, first_repro
     versions = client.search_model_versions("name='simple-diffusion'")
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in training)
     assert not (project / ".dvc" / "tmp" / "exps" / "mlflow.db").exists()
+
+
+def test_guided_class_conditional_experiment_scores_the_classes_it_asked_for(project, first_repro):
+    """A class-conditional model sampled with guidance: labels.json says which class each sample
+    was asked to be, and evaluate's conditional_accuracy is the share that the domain classifier
+    puts in that class, recomputed here from the PNGs."""
+    output = sh(project, "dvc", "exp", "run", "-n", "guided", "-S", "model.num_classes=10",
+                "-S", "train.cond_drop_prob=0.1", "-S", "sample.guidance_scale=2")
+    assert ran(output) == ["train", "sample", "evaluate"]
+    drawn = json.loads((project / "outputs/sample/labels.json").read_text())
+    assert drawn["classes"] == [str(digit) for digit in range(10)]
+    assert len(drawn["labels"]) == TINY["sample"]["num_images"]
+    # The sample stage names its PNGs in drawing order: sorted files match the labels.
+    pngs = sorted((project / "samples").glob("*.png"))
+    samples = torch.stack([torch.from_numpy(np.array(Image.open(png)))[None] for png in pngs])
+    predicted = predict(load_classifier(project / "outputs/classifier/model.pt"), samples)
+    expected = (predicted == torch.tensor(drawn["labels"])).float().mean().item()
+    metrics = json.loads((project / "outputs/evaluate/metrics.json").read_text())
+    assert metrics["conditional_accuracy"] == pytest.approx(expected)
+    _, _, evaluations = mlflow_runs(project)
+    latest = max(evaluations, key=lambda r: r.info.start_time)
+    assert latest.data.params["sample.guidance_scale"] == "2.0"
+    assert latest.data.metrics["conditional_accuracy"] == pytest.approx(expected)
