@@ -80,9 +80,11 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
         qkv = qkv.transpose(-1, -2)  # [B, 3, heads, H*W, head_dim], strided
         # On CPU (docs/benchmarks.md): in fp32, a contiguous copy reaches SDPA's fused kernel,
-        # which samples the default model 1.4x and a 16x16-attention model 7x faster; under bf16
-        # autocast the strided views train ~25% faster than the copy.
-        if qkv.dtype == torch.float32:
+        # which samples the default model 1.4x and a 16x16-attention model 7x faster. Under bf16
+        # autocast the strided views (SDPA's unfused path) train the default model's 7x7 maps
+        # ~25% faster, but 14x14 and 16x16 maps only ~5% faster, at 1.7x the peak memory of the
+        # copy: the unfused path keeps whole [tokens x tokens] attention maps for the backward.
+        if qkv.dtype == torch.float32 or H * W > 100:
             qkv = qkv.contiguous()
         q, k, v = qkv.unbind(1)  # each [B, heads, H*W, head_dim]
         h = F.scaled_dot_product_attention(q, k, v)
