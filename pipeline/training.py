@@ -160,6 +160,8 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
     torch.manual_seed(p.seed)
     model = build_model(params).to(device)
     network = DistributedDataParallel(model) if world.size > 1 else model
+    if p.compile:  # the compiled network shares model's parameters; model is what gets saved
+        network = torch.compile(network)
     torch.manual_seed(p.seed + world.rank)  # dropout masks: each rank draws its own
     scheduler = NoiseScheduler(**dataclasses.asdict(params.diffusion))
     ema = EMA(model, decay=p.ema_decay)
@@ -325,7 +327,8 @@ def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Op
 
 
 def unwrap(model: torch.nn.Module) -> UNet:
-    """The UNet inside a DistributedDataParallel wrapper (or the model itself)."""
+    """The UNet inside torch.compile's and DistributedDataParallel's wrappers, if any."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
