@@ -199,8 +199,9 @@ class UNet(nn.Module):
 
         For a class-conditional model, None means the null class (label num_classes) for the whole
         batch; a per-sample mix of real and null labels is passed as a tensor. For a
-        self-conditioned model, x_self_cond None means zeros (no estimate yet). A model without the
-        option raises ValueError if given labels or an estimate, rather than silently ignoring them.
+        self-conditioned model, x_self_cond None means zeros (no estimate yet). An unconditional
+        model given labels, or a model without self-conditioning given an estimate, raises
+        ValueError rather than silently ignoring them.
         """
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
         if self.class_emb is not None:
