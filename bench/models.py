@@ -11,6 +11,7 @@ The mapping (pipeline/unet.py on the left, UNet2DModel's arguments on the right)
     num_heads                         attention_head_dim = width of the attended level / num_heads
     norm_groups, dropout              norm_num_groups, dropout
     num_classes (> 0)                 num_class_embeds = num_classes + 1 (the null class)
+    self_condition (true)             none: refused, not in the reference
 
 Both are the DDPM UNet (Ho et al. 2020, Appendix B): the same ResBlocks (GroupNorm-SiLU-conv, the
 timestep embedding added in between, 1x1 skip conv where the width changes), the same attention
@@ -87,9 +88,13 @@ def project_model(params: Params) -> nn.Module:
 
 def reference_model(params: Params) -> nn.Module:
     """diffusers' UNet2DModel with the project UNet's architecture (see the module docstring)."""
+    m, size = params.model, params.preprocess.image_size
+    if m.self_condition:
+        raise ValueError("model.self_condition = true is not in the reference: diffusers' "
+                         "UNet2DModel takes no x0 estimate; benchmark with model.self_condition "
+                         "= false")
     from diffusers import UNet2DModel  # bench-only dependency
 
-    m, size = params.model, params.preprocess.image_size
     sizes = feature_map_sizes(size, len(m.channel_mult))
     widths = [m.base_channels * mult for mult in m.channel_mult]
     attended = [w for w, s in zip(widths, sizes) if s in m.attention_resolutions]

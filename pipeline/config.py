@@ -64,6 +64,7 @@ class ModelParams:
     dropout: float = spec(0.1, low=0.0, high=1.0, high_open=True)
     norm_groups: int = spec(8, low=1)  # GroupNorm groups
     num_classes: int = spec(0, low=0)  # 0 = unconditional
+    self_condition: bool = False  # also feed the model its previous x0 estimate (Chen et al. 2022)
 
 
 @dataclass(frozen=True)

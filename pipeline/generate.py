@@ -73,7 +73,8 @@ def class_indices(trained: TrainedModel, names: Sequence[str]) -> list[int]:
 
 
 def denoiser(model: UNet, labels: torch.Tensor | None, guidance_scale: float) -> Callable:
-    """The `model(x_t, t)` to sample: conditioned on `labels`, guided if guidance_scale > 0."""
+    """The `model(x_t, t)` to sample: conditioned on `labels`, guided if guidance_scale > 0. Both
+    forms pass the sampler's `x_self_cond=` on to a self-conditioned model."""
     if guidance_scale == 0:
         return model_fn(model, labels)
     if labels is None:
@@ -106,7 +107,8 @@ def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = No
                      method=p.method, num_steps=p.num_steps, eta=p.eta,
                      timestep_spacing=p.timestep_spacing, clip_sample=p.clip_sample,
                      variance_type=p.variance_type, generator=generator, device=device,
-                     return_intermediates=return_intermediates and start == 0, progress=True)
+                     return_intermediates=return_intermediates and start == 0, progress=True,
+                     self_condition=model.self_condition)
         if return_intermediates and start == 0:
             out, intermediates = out
         images.append(to_uint8(out.cpu()))

@@ -36,12 +36,18 @@ samples are the last x0_hat.
 Classifier-free guidance (Ho & Salimans 2022) wraps a class-conditional model into the
 ``model(x_t, t)`` that the samplers take (:func:`guided`); :func:`drop_labels` is its training side.
 
+Self-conditioning (Chen, Zhang & Hinton 2022, Algorithm 2): with ``self_condition=True`` the model
+is called as ``model(x_t, t, x_self_cond=x0_hat)``, with the (clipped) x0_hat of the previous step,
+zeros at the first step. The samples and the update rules are otherwise the same.
+
 References:
     Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239.
     Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", arXiv:2010.02502.
     Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
         Probabilistic Models", arXiv:2211.01095.
     Ho, Salimans 2022, "Classifier-Free Diffusion Guidance", arXiv:2207.12598.
+    Chen, Zhang, Hinton 2022, "Analog Bits: Generating Discrete Data using Diffusion Models with
+        Self-Conditioning", arXiv:2208.04202.
     Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", arXiv:2102.09672.
     Lin, Liu, Li, Yang 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
         arXiv:2305.08891 (sec. 3.3, Table 2: timestep spacings).
@@ -145,7 +151,7 @@ def _updates(method: str, alpha_bars: list[float], eta: float, variance_type: st
 
 @torch.inference_mode()
 def sample(
-    model: Callable[[Tensor, Tensor], Tensor],
+    model: Callable[..., Tensor],
     scheduler: NoiseScheduler,
     shape: Sequence[int],
     *,
@@ -159,12 +165,14 @@ def sample(
     device: str | torch.device = "cpu",
     return_intermediates: bool = False,
     progress: bool = False,
+    self_condition: bool = False,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Draw samples of ``shape`` (batch first) by running the reverse process from pure noise.
 
     Args:
         model: ``model(x_t, t)`` with t a long tensor of shape [batch], returning the prediction of
-            ``scheduler.prediction_type``.
+            ``scheduler.prediction_type``; ``model(x_t, t, x_self_cond=x0_hat)`` with
+            ``self_condition``.
         scheduler: the forward process the model was trained with.
         shape: shape of the batch of samples, e.g. (n, channels, height, width).
         method: "ddpm" (ancestral), "ddim" or "dpmpp_2m" (DPM-Solver++(2M), deterministic).
@@ -178,6 +186,8 @@ def sample(
         return_intermediates: also return x0_hat of every step (S tensors of ``shape``), e.g. for
             a figure of the denoising progression.
         progress: show a progress bar (plain lines when stderr is not a terminal).
+        self_condition: call ``model(x_t, t, x_self_cond=...)`` with the previous step's x0_hat
+            (zeros at the first step), for a model trained with self-conditioning.
 
     Returns:
         The samples, or (samples, list of x0_hat per step) with ``return_intermediates``.
@@ -195,13 +205,16 @@ def sample(
 
     x = torch.randn(tuple(shape), generator=generator, device=device)
     predictions = []
-    x0_last = None
+    # Zeros before the first step: Algorithm 2's initial x_pred for self-conditioning; the first
+    # step never extrapolates (c = 0), so DPM-Solver++ does not read it.
+    x0_last = torch.zeros_like(x)
     schedule = zip(steps, updates)
     if progress:
         schedule = progress_bar(schedule, len(steps), method)
     for t, (coef_x0, coef_xt, sigma, extrapolation) in schedule:
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
-        x0 = scheduler.predict_x0(model(x, t_batch), x, t)
+        output = model(x, t_batch, x_self_cond=x0_last) if self_condition else model(x, t_batch)
+        x0 = scheduler.predict_x0(output, x, t)
         if clip_sample:
             x0 = x0.clamp(-1.0, 1.0)
         target = x0 + extrapolation * (x0 - x0_last) if extrapolation else x0
@@ -222,8 +235,8 @@ def drop_labels(labels: Tensor, null_label: int, prob: float, generator: torch.G
     return labels.masked_fill(drop, null_label)
 
 
-def guided(model: Callable[[Tensor, Tensor, Tensor], Tensor], labels: Tensor, null_label: int,
-           scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+def guided(model: Callable[..., Tensor], labels: Tensor, null_label: int,
+           scale: float) -> Callable[..., Tensor]:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): the ``model(x_t, t)`` for :func:`sample`.
 
     The guided prediction is
@@ -235,12 +248,16 @@ def guided(model: Callable[[Tensor, Tensor, Tensor], Tensor], labels: Tensor, nu
     ``null_label`` its "no class" label. Both predictions come from one forward pass over the batch
     taken twice. The weights (1 + w, -w) sum to 1 and x0 and v are affine in eps at fixed x_t, so
     combining x0 or v predictions the same way is the same guidance for every prediction type.
+    With self-conditioning, both halves see the same x0 estimate ``x_self_cond``: the previous
+    step's guided one, the x0_hat that :func:`sample` computes.
     """
 
-    def guided_model(x: Tensor, t: Tensor) -> Tensor:
+    def guided_model(x: Tensor, t: Tensor, x_self_cond: Tensor | None = None) -> Tensor:
         null = torch.full_like(labels, null_label)
+        # Passed on only when given, so a model without self-conditioning keeps model(x, t, labels).
+        extra = {} if x_self_cond is None else {"x_self_cond": torch.cat([x_self_cond] * 2)}
         conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]),
-                                           torch.cat([labels, null])).chunk(2)
+                                           torch.cat([labels, null]), **extra).chunk(2)
         return (1 + scale) * conditional - scale * unconditional
 
     return guided_model

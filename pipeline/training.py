@@ -5,7 +5,8 @@ model output on the scheduler's target (DDPM, Ho et al. 2020, Algorithm 1 and eq
 the target is the noise, x0 or v depending on the prediction type). AdamW (Loshchilov & Hutter
 2019) with a linear learning-rate warm-up then cosine decay; the global gradient norm is clipped;
 an EMA of the weights (pipeline/ema.py) is what gets sampled and saved. On a GPU, or a CPU with
-native bf16, the forward pass runs under bf16 autocast.
+native bf16, the forward pass runs under bf16 autocast. With `model.self_condition`, half of the
+steps first estimate x0 without gradient and feed it back (Chen et al. 2022, Algorithm 1).
 
 Nothing is lost when a run is interrupted. Every `train.checkpoint_every` steps a checkpoint
 (model, EMA, optimiser, step, every random state, the half-filled logging window and the history)
@@ -117,8 +118,9 @@ def fingerprint(params: Params, data: ImageSet, processes: int = 1) -> str:
 
 
 def model_fn(model: UNet, labels: torch.Tensor | None) -> Callable:
-    """The `model(x_t, t)` callable the sampler expects, with fixed class labels if any."""
-    return lambda x, t: model(x, t, labels)
+    """The `model(x_t, t)` callable the sampler expects, with fixed class labels if any; `extra`
+    is the sampler's `x_self_cond=` for a self-conditioned model."""
+    return lambda x, t, **extra: model(x, t, labels, **extra)
 
 
 def sample_grid(model: UNet, scheduler: NoiseScheduler, p: TrainParams, classes: int,
@@ -130,7 +132,8 @@ def sample_grid(model: UNet, scheduler: NoiseScheduler, p: TrainParams, classes:
     x = sample(model_fn(model, labels), scheduler, (p.grid_images, model.in_channels,
                model.image_size, model.image_size), method="ddim",
                num_steps=p.grid_sampling_steps,
-               timestep_spacing="trailing", generator=generator, device=device)
+               timestep_spacing="trailing", generator=generator, device=device,
+               self_condition=model.self_condition)
     model.train()
     return grid_image(to_uint8(x.cpu()))
 
@@ -195,7 +198,9 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
                                          batch_labels, generator, p.grad_clip, bf16,
                                          cond_drop_prob=p.cond_drop_prob,
                                          min_snr_gamma=p.min_snr_gamma,
-                                         offset_strength=p.offset_noise, shard=world.shard(p.batch_size))
+                                         offset_strength=p.offset_noise,
+                                         self_condition=params.model.self_condition,
+                                         shard=world.shard(p.batch_size))
             loss, signum = world.agree(loss, stop.signum)
             check_finite(loss, grad_norm, state.step + 1, p, checkpoints)
             ema.update(model)
@@ -292,11 +297,12 @@ def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Op
                x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
                grad_clip: float, bf16: bool, *, cond_drop_prob: float = 0.0,
                min_snr_gamma: float = 0.0, offset_strength: float = 0.0,
-               shard: slice = slice(None)) -> tuple[float, float]:
+               self_condition: bool = False, shard: slice = slice(None)) -> tuple[float, float]:
     """One optimiser step on L_simple; returns (loss, gradient norm before clipping).
 
     Options (0 = off; each draws from `generator` only when on): labels dropped to the null class
-    with probability cond_drop_prob, Min-SNR-gamma loss weights, offset noise of that strength.
+    with probability cond_drop_prob, Min-SNR-gamma loss weights, offset noise of that strength,
+    self-conditioning (a self-conditioned UNet: see `self_condition_input`).
     The random draws cover the whole batch x0; the step trains on its part `shard` (this rank's,
     under DistributedDataParallel `model`, which averages the gradients of the ranks).
     """
@@ -306,11 +312,18 @@ def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Op
         noise = offset_noise(noise, offset_strength, generator)
     if cond_drop_prob > 0 and labels is not None:
         labels = drop_labels(labels, unwrap(model).num_classes, cond_drop_prob, generator)
+    # Self-conditioning: one coin for the whole batch, Algorithm 1's `uniform(0, 1) > 0.5` per
+    # step; drawn before sharding, so every rank agrees on it.
+    estimate = self_condition and torch.rand((), generator=generator, device=x0.device).item() < 0.5
     x0, noise, t = x0[shard], noise[shard], t[shard]
     labels = labels[shard] if labels is not None else None
     x_t = scheduler.add_noise(x0, noise, t)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        prediction = model(x_t, t, labels)
+        if self_condition:
+            x_self_cond = self_condition_input(unwrap(model), scheduler, x_t, t, labels, estimate)
+            prediction = model(x_t, t, labels, x_self_cond=x_self_cond)
+        else:
+            prediction = model(x_t, t, labels)
     target = scheduler.get_target(x0, noise, t)
     if min_snr_gamma > 0:
         weights = min_snr_weights(scheduler.snr(t), min_snr_gamma, scheduler.prediction_type)
@@ -324,6 +337,26 @@ def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Op
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
     return loss.item(), grad_norm.item()
+
+
+def self_condition_input(model: UNet, scheduler: NoiseScheduler, x_t: torch.Tensor,
+                         t: torch.Tensor, labels: torch.Tensor | None, estimate: bool
+                         ) -> torch.Tensor:
+    """The second input of a self-conditioned UNet in training (Chen et al. 2022, Algorithm 1):
+    zeros, or with `estimate` the model's own x0 prediction from a pass fed zeros.
+
+    The estimating pass runs without gradient (the paper's stop_gradient), so it costs a forward
+    pass only and needs none of DistributedDataParallel's gradient hooks: `model` is the bare
+    UNet. The estimate is clipped to the data range [-1, 1], as the sampler clips the x0_hat it
+    feeds back (sample.clip_sample, on by default): with epsilon prediction near t = T, x0_hat
+    amplifies the noise error by 1 / sqrt(abar_t), about 150 for the default schedule.
+    """
+    zeros = torch.zeros_like(x_t)
+    if not estimate:
+        return zeros
+    with torch.no_grad():
+        output = model(x_t, t, labels, x_self_cond=zeros)
+    return scheduler.predict_x0(output.float(), x_t, t).clamp(-1.0, 1.0)
 
 
 def unwrap(model: torch.nn.Module) -> UNet:

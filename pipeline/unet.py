@@ -9,6 +9,12 @@ takes multi-head attention, a class embedding added to the timestep embedding, a
 last layers, so every residual branch and the output start at zero and training begins from a
 well-conditioned network.
 
+Self-conditioning (Chen, Zhang & Hinton 2022, "Analog Bits", arXiv:2208.04202, sec. 3, Fig. 3):
+with ``self_condition=True`` the network takes a second image, its own previous estimate of x0,
+concatenated to x_t on the channel axis, so the first conv reads 2 * in_channels channels. Zeros
+stand for "no estimate yet" (training half of the time, the first sampling step); the training
+and sampling sides are pipeline/training.py's train_step and pipeline/sampler.py's sample.
+
 Shapes through the network, for levels i = 0 .. len(channel_mult) - 1:
 
     level i works at side length image_size / 2**i with base_channels * channel_mult[i] channels.
@@ -118,7 +124,8 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """Noise-prediction UNet: forward(x [B,C,H,W], t [B], class_labels [B] | None) -> [B,C,H,W]."""
+    """Noise-prediction UNet: forward(x [B,C,H,W], t [B], class_labels [B] | None,
+    x_self_cond [B,C,H,W] | None) -> [B,C,H,W]."""
 
     def __init__(
         self,
@@ -132,6 +139,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,  # before the second conv of every residual block
         norm_groups: int = 8,  # GroupNorm groups
         num_classes: int = 0,  # 0: unconditional; >0: labels 0..num_classes-1, num_classes = null
+        self_condition: bool = False,  # also read an x0 estimate (Chen et al. 2022): 2C inputs
     ) -> None:
         super().__init__()
         _check_config(in_channels, image_size, base_channels, channel_mult, num_res_blocks,
@@ -140,6 +148,7 @@ class UNet(nn.Module):
         self.in_channels = in_channels
         self.image_size = image_size
         self.num_classes = num_classes
+        self.self_condition = self_condition
         self.base_channels = base_channels
         emb_dim = 4 * base_channels  # DDPM's width for the timestep MLP
 
@@ -151,7 +160,8 @@ class UNet(nn.Module):
         # One extra row: index num_classes is the "no label" class that classifier-free guidance
         # trains by dropping labels and samples with as the unconditional branch.
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
-        self.conv_in = nn.Conv2d(in_channels, base_channels, kernel_size=3, padding=1)
+        inputs = 2 * in_channels if self_condition else in_channels  # x_t, then the x0 estimate
+        self.conv_in = nn.Conv2d(inputs, base_channels, kernel_size=3, padding=1)
 
         # Down path: a flat list of ResBlocks and stride-2 convs; every output is kept as a skip.
         self.down = nn.ModuleList()
@@ -184,13 +194,16 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(norm_groups, ch)
         self.conv_out = zero_init(nn.Conv2d(ch, in_channels, kernel_size=3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, H, W]; t [B] timesteps; class_labels [B] long, or None.
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+                x_self_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W]; t [B] timesteps; class_labels [B] long, or None; x_self_cond [B, C, H, W]
+        (an x0 estimate), or None.
 
         For a class-conditional model, None means the null class (label num_classes) for the whole
-        batch; a per-sample mix of real and null labels is passed as a tensor. An unconditional
-        model raises ValueError if given labels, rather than silently ignoring them.
+        batch; a per-sample mix of real and null labels is passed as a tensor. For a
+        self-conditioned model, x_self_cond None means zeros (no estimate yet). An unconditional
+        model given labels, or a model without self-conditioning given an estimate, raises
+        ValueError rather than silently ignoring them.
         """
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
         if self.class_emb is not None:
@@ -200,6 +213,11 @@ class UNet(nn.Module):
         elif class_labels is not None:
             raise ValueError("class_labels given to an unconditional UNet (num_classes=0)")
         emb = F.silu(emb)  # every block's embedding projection starts with SiLU: apply it once here
+        if self.self_condition:
+            x = torch.cat([x, torch.zeros_like(x) if x_self_cond is None else x_self_cond], dim=1)
+        elif x_self_cond is not None:
+            raise ValueError("x_self_cond given to a UNet without self-conditioning "
+                             "(self_condition=False)")
 
         h = self.conv_in(x)
         skips = [h]
@@ -252,6 +270,7 @@ def build_model(params: Params) -> UNet:
         dropout=m.dropout,
         norm_groups=m.norm_groups,
         num_classes=m.num_classes,
+        self_condition=m.self_condition,
     )
 
 

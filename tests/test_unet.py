@@ -145,7 +145,7 @@ def test_build_model_reads_params() -> None:
     params = SimpleNamespace(
         model=SimpleNamespace(base_channels=8, channel_mult=[1, 2], num_res_blocks=2,
                               attention_resolutions=[16], num_heads=2, dropout=0.1,
-                              norm_groups=4, num_classes=10),
+                              norm_groups=4, num_classes=10, self_condition=False),
         preprocess=SimpleNamespace(image_size=32, channels=3))
     model = build_model(params)
     assert model.class_emb.num_embeddings == 11  # ten classes and the null class
