@@ -101,7 +101,8 @@ def _wait_for_setup(database: Path) -> None:
 def _schema_state(database: Path) -> tuple[str | None, int]:
     """The Alembic revision a store is at (None before its migrations start) and SQLite's
     schema counter, which every table change increments."""
-    with closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=60)) as db:
+    read_only = f"{database.absolute().as_uri()}?mode=ro"
+    with closing(sqlite3.connect(read_only, uri=True, timeout=60)) as db:
         schema_version = db.execute("PRAGMA schema_version").fetchone()[0]
         try:
             row = db.execute("SELECT version_num FROM alembic_version").fetchone()

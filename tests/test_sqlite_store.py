@@ -38,6 +38,14 @@ def test_a_new_store_appears_complete_in_wal_mode_with_no_temp_file_left(tmp_pat
     assert MlflowClient(f"sqlite:///{database}").search_experiments()[0].name == "Default"
 
 
+def test_a_relative_path_is_a_store_in_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # tracking.uri: sqlite:///mlflow.db
+    database = sqlite_store.database_path("sqlite:///mlflow.db")
+    sqlite_store.prepare(database)
+    sqlite_store.prepare(database)  # now an existing one
+    assert revision_and_journal_mode(tmp_path / "mlflow.db") == (_get_latest_schema_revision(), "wal")
+
+
 def test_a_store_that_appears_while_one_is_built_is_kept(tmp_path):
     database = tmp_path / "mlflow.db"
     client = MlflowClient(f"sqlite:///{database}")
