@@ -98,7 +98,7 @@ class TrainParams:
     min_snr_gamma: float = spec(0.0, low=0.0)  # Min-SNR-gamma loss weighting; 0 = off
     offset_noise: float = spec(0.0, low=0.0)  # strength of the per-channel noise offset; 0 = off
     num_processes: int = spec(1, low=1)  # >1: data-parallel processes on this machine (torchrun)
-    compile: bool = False  # torch.compile the network: faster steps after minutes of compiling
+    compile: bool = False  # torch.compile the network (compiles for minutes; see benchmarks)
 
 
 @dataclass(frozen=True)
