@@ -30,6 +30,30 @@ class ParamsError(ValueError):
     """params.yaml holds a key, type or value that the pipeline cannot use."""
 
 
+# The choices of the params below, defined here once: the library accepts exactly these
+# (pipeline.noise_scheduler, pipeline.sampler and the CLIs read them through `choices`).
+Schedule = Literal["linear", "scaled_linear", "cosine", "sigmoid", "exponential"]
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+Precision = Literal["auto", "fp32", "bf16"]
+SamplingMethod = Literal["ddpm", "ddim", "dpmpp_2m"]
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+VarianceType = Literal["fixed_small", "fixed_large"]
+
+
+def choices(literal: Any) -> tuple[Any, ...]:
+    """The values of a Literal type above, in their order: choices(VarianceType)."""
+    return typing.get_args(literal)
+
+
+def check_choice(argument: str, value: object, literal: Any) -> None:
+    """For the library's own arguments: raise ValueError naming `argument` and `value` unless
+    `value` is one of the Literal's choices."""
+    allowed = choices(literal)
+    if value not in allowed:
+        raise ValueError(f"{argument} must be one of {', '.join(map(repr, allowed))}; "
+                         f"got {value!r}")
+
+
 def spec(default: Any, *, low: float | None = None, high: float | None = None,
          low_open: bool = False, high_open: bool = False) -> Any:
     """A dataclass field with an allowed range [low, high] (open ends with low_open/high_open)."""
@@ -70,10 +94,10 @@ class ModelParams:
 @dataclass(frozen=True)
 class DiffusionParams:
     num_timesteps: int = spec(1000, low=1)
-    schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid", "exponential"] = "linear"
+    schedule: Schedule = "linear"
     beta_start: float = spec(1e-4, low=0.0, high=1.0, low_open=True, high_open=True)
     beta_end: float = spec(0.02, low=0.0, high=1.0, low_open=True, high_open=True)
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    prediction_type: PredictionType = "epsilon"
     rescale_zero_terminal_snr: bool = False  # Lin et al. 2023
 
 
@@ -86,7 +110,7 @@ class TrainParams:
     warmup_steps: int = spec(100, low=0)  # linear learning-rate warm-up
     grad_clip: float = spec(1.0, low=0.0)  # max global gradient norm; 0 disables clipping
     ema_decay: float = spec(0.995, low=0.0, high=1.0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where supported
+    precision: Precision = "auto"  # auto: bf16 autocast where supported
     log_every: int = spec(50, low=1)
     checkpoint_every: int = spec(500, low=1)
     sample_every: int = spec(500, low=1)  # steps between sample grids logged to MLflow
@@ -103,12 +127,12 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class SampleParams:
-    method: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddpm"
+    method: SamplingMethod = "ddpm"
     num_steps: int = spec(100, low=1)
     eta: float = spec(0.0, low=0.0, high=1.0)  # DDIM: 0 deterministic, 1 DDPM-like
-    timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    timestep_spacing: TimestepSpacing = "trailing"
     clip_sample: bool = True
-    variance_type: Literal["fixed_small", "fixed_large"] = "fixed_small"
+    variance_type: VarianceType = "fixed_small"
     num_images: int = spec(1000, low=2)
     batch_size: int = spec(250, low=1)
     seed: int = 0
@@ -218,10 +242,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Return value as the declared type, or raise naming the key, the value and the type."""
     origin = typing.get_origin(hint)
     if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices or isinstance(value, bool):
+        allowed = choices(hint)
+        if value not in allowed or isinstance(value, bool):
             raise ParamsError(f"{key} = {value!r} is not allowed; choose one of "
-                              f"{', '.join(repr(c) for c in choices)}")
+                              f"{', '.join(repr(c) for c in allowed)}")
         return value
     if origin is tuple:
         item = typing.get_args(hint)[0]
@@ -431,6 +455,12 @@ def flatten(params: Params) -> dict[str, Any]:
     return {f"{section}.{key}": value
             for section, values in dataclasses.asdict(params).items()
             for key, value in values.items()}
+
+
+def sample_params(options: dict[str, Any]) -> SampleParams:
+    """SampleParams from `sample.*` keys (the others take their defaults), checked as params.yaml
+    is: a bad value raises ParamsError naming the key and what is allowed."""
+    return from_dict({"sample": options}, check_combinations=False).sample
 
 
 def to_dict(params: Params) -> dict[str, dict[str, Any]]:

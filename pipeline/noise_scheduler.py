@@ -33,18 +33,17 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from pipeline.config import beta_problem, zero_terminal_snr_problem
+from pipeline.config import (Params, PredictionType, Schedule, VarianceType,
+                             beta_problem, check_choice, choices, zero_terminal_snr_problem)
 
-SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid", "exponential")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+SCHEDULES = choices(Schedule)
 
 COSINE_OFFSET = 0.008  # s of IDDPM eq. 17: keeps beta_t from being vanishingly small near t = 0
 MAX_BETA = 0.999  # IDDPM sec. 3.2: caps cosine betas to avoid the singularity at t = T
@@ -53,20 +52,13 @@ MAX_BETA = 0.999  # IDDPM sec. 3.2: caps cosine betas to avoid the singularity a
 Level = TypeVar("Level", float, Tensor)
 
 
-def check_choice(argument: str, value: object, allowed: Sequence[str]) -> None:
-    """Raise ValueError naming ``argument`` and ``value`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        choices = ", ".join(repr(choice) for choice in allowed)
-        raise ValueError(f"{argument} must be one of {choices}; got {value!r}")
-
-
 def make_betas(schedule: str, num_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
     """beta_t for t = 0..T-1 of a named schedule, in float64.
 
     ``beta_start`` and ``beta_end`` are the first and last beta of every schedule but "cosine",
     which is defined by abar alone (IDDPM eq. 17) and ignores them.
     """
-    check_choice("schedule", schedule, SCHEDULES)
+    check_choice("schedule", schedule, Schedule)
     if schedule == "cosine":
         return _cosine_betas(num_timesteps)
     if schedule == "linear":  # DDPM sec. 4, without IDDPM's 1000 / T rescaling
@@ -120,7 +112,7 @@ def posterior_coefficients(
     ``variance_type``: "fixed_small" is the posterior variance beta_tilde = beta (1 - abar_prev) /
     (1 - abar_t); "fixed_large" is beta (DDPM sec. 3.2: the two extremes of the reverse variance).
     """
-    check_choice("variance_type", variance_type, VARIANCE_TYPES)
+    check_choice("variance_type", variance_type, VarianceType)
     alpha = alpha_bar / alpha_bar_prev
     beta = 1 - alpha
     coef_x0 = alpha_bar_prev**0.5 * beta / (1 - alpha_bar)
@@ -138,7 +130,7 @@ def min_snr_weights(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
     min(SNR, gamma) / SNR for "epsilon", min(SNR, gamma) for "sample", min(SNR, gamma) / (SNR + 1)
     for "v_prediction".
     """
-    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("prediction_type", prediction_type, PredictionType)
     if prediction_type == "epsilon":
         return (gamma / snr).clamp(max=1.0)  # = min(SNR, gamma) / SNR, and its limit 1 at SNR = 0
     clipped = snr.clamp(max=gamma)
@@ -196,7 +188,7 @@ class NoiseScheduler:
     ) -> None:
         if not isinstance(num_timesteps, int) or num_timesteps < 1:
             raise ValueError(f"num_timesteps must be an integer >= 1; got {num_timesteps!r}")
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("prediction_type", prediction_type, PredictionType)
         problem = beta_problem(schedule, beta_start, beta_end) or zero_terminal_snr_problem(
             rescale_zero_terminal_snr, prediction_type, num_timesteps)
         if problem:  # the rules params.yaml is checked against (pipeline/config.py)
@@ -277,3 +269,8 @@ class NoiseScheduler:
     def posterior_variance(self, t: Tensor, variance_type: str = "fixed_small") -> Tensor:
         """Reverse-step variance: beta_tilde_t (DDPM eq. 7, 0 at t = 0) or beta_t ("fixed_large")."""
         return posterior_coefficients(self.alpha_bar(t), self.alpha_bar(t - 1), variance_type)[2]
+
+
+def build_scheduler(params: Params) -> NoiseScheduler:
+    """The forward process that params.diffusion describes (beside pipeline.unet.build_model)."""
+    return NoiseScheduler(**dataclasses.asdict(params.diffusion))

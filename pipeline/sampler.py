@@ -63,11 +63,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pipeline.noise_scheduler import VARIANCE_TYPES, NoiseScheduler, check_choice, posterior_coefficients
+from pipeline.config import SamplingMethod, TimestepSpacing, VarianceType, check_choice, choices
+from pipeline.noise_scheduler import NoiseScheduler, posterior_coefficients
 from pipeline.progress import progress_bar
 
-METHODS = ("ddpm", "ddim", "dpmpp_2m")
-SPACINGS = ("leading", "trailing", "linspace")
+METHODS = choices(SamplingMethod)
+SPACINGS = choices(TimestepSpacing)
 
 
 class Update(NamedTuple):
@@ -89,7 +90,7 @@ def timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> l
         "linspace": round(linspace(0, T-1, S)) reversed.
     Rounding is half-to-even, like numpy's.
     """
-    check_choice("timestep_spacing", spacing, SPACINGS)
+    check_choice("timestep_spacing", spacing, TimestepSpacing)
     if not isinstance(num_steps, int) or not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be an integer in [1, {num_timesteps}]; got {num_steps!r}")
     if spacing == "leading":
@@ -192,8 +193,8 @@ def sample(
     Returns:
         The samples, or (samples, list of x0_hat per step) with ``return_intermediates``.
     """
-    check_choice("method", method, METHODS)
-    check_choice("variance_type", variance_type, VARIANCE_TYPES)
+    check_choice("method", method, SamplingMethod)
+    check_choice("variance_type", variance_type, VarianceType)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1]; got {eta!r}")
     if num_steps is None:
@@ -233,6 +234,12 @@ def drop_labels(labels: Tensor, null_label: int, prob: float, generator: torch.G
     ``null_label`` with probability ``prob``, so one network learns eps(x, c) and eps(x, null)."""
     drop = torch.rand(labels.shape, generator=generator, device=labels.device) < prob
     return labels.masked_fill(drop, null_label)
+
+
+def model_fn(model: Callable[..., Tensor], labels: Tensor | None) -> Callable[..., Tensor]:
+    """The ``model(x_t, t)`` for :func:`sample` of a network ``model(x, t, labels)``, with fixed
+    class labels (None: unconditional); ``extra`` passes on the sampler's ``x_self_cond=``."""
+    return lambda x, t, **extra: model(x, t, labels, **extra)
 
 
 def guided(model: Callable[..., Tensor], labels: Tensor, null_label: int,

@@ -39,16 +39,12 @@ the constructor raises ValueError with the same message, naming the values):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import feature_map_sizes, unet_problem
-
-if TYPE_CHECKING:
-    from pipeline.config import Params
+from pipeline.config import Params, feature_map_sizes, unet_problem
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
