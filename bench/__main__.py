@@ -30,7 +30,7 @@ from bench.flops import flops_per_image, matmul_flops_per_s
 from bench.models import configs, head_mismatch, parameter_counts
 from bench.pipeline_times import pipeline_figures
 from pipeline.config import to_dict
-from pipeline.training import use_bf16
+from pipeline.device import default_device, use_bf16
 
 IMPLS = ("project", "reference")
 
@@ -125,8 +125,7 @@ def main() -> None:
     parser.add_argument("--fused-adamw", action="store_true", help="project: AdamW(fused=True)")
     parser.add_argument("--compile", action="store_true", help="project: torch.compile(model)")
     args = parser.parse_args()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
+    device = default_device() if args.device == "auto" else torch.device(args.device)
     repeats = args.repeats or (1 if args.quick else 3)
     steps = {"train": (1, 2) if args.quick else (3, 5), "sample": (1, 1)}  # (warm-up, timed)
 

@@ -18,7 +18,6 @@ what diffusers' DDIMPipeline does (DDIMScheduler.step under torch.no_grad).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import resource
 import statistics
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from bench.models import BUILDERS, TINY, build, merge, params_of
-from pipeline.noise_scheduler import NoiseScheduler
+from pipeline.noise_scheduler import NoiseScheduler, build_scheduler
 from pipeline.sampler import sample
 from pipeline.training import train_step
 
@@ -44,6 +43,7 @@ class Reference(nn.Module):
         super().__init__()
         self.unet = unet
         self.num_classes = num_classes
+        self.self_condition = False  # as pipeline.training.train_step asks the project's UNet
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -91,7 +91,7 @@ def time_training(model: nn.Module, job: dict, scheduler: NoiseScheduler,
     times = []
     for i in range(job["warmup"] + job["repeats"]):
         start = time.perf_counter()
-        train_step(model, scheduler, optimizer, x0, None, generator, p.grad_clip,
+        train_step(model, scheduler, optimizer, x0, None, generator, p,
                    job["precision"] == "bf16")  # .item() inside: the step has finished
         if i >= job["warmup"]:
             times.append(time.perf_counter() - start)
@@ -149,7 +149,7 @@ def image_size(job: dict) -> int:
 def measure(job: dict) -> dict:
     device = torch.device(job["device"])
     params = params_of(job["params"])
-    scheduler = NoiseScheduler(**dataclasses.asdict(params.diffusion))
+    scheduler = build_scheduler(params)
     # Both implementations' lazy imports (diffusers loads parts on first model build) belong to
     # the baseline, not to the measurement: build a tiny model of each first.
     for impl in BUILDERS:

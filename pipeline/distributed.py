@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.device import default_device
+
 
 @dataclass(frozen=True)
 class World:
@@ -71,7 +73,7 @@ def torchrun_command(processes: int, module: str) -> list[str]:
 def setup() -> World:
     """Join the process group that torchrun describes in the environment, if any."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        return World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return World(device=default_device())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

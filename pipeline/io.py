@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
+from PIL import Image
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -105,5 +105,18 @@ def save_json(obj: Any, path: str | Path) -> None:
 def save_image(image: Any, path: str | Path) -> None:
     """Save a PIL image; the format comes from `path`'s suffix, not the temporary name."""
     path = Path(path)
+    check_image_path(path)
     with atomic_path(path) as tmp:
-        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+        image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+
+
+def check_image_path(path: Path) -> None:
+    """Raise ValueError naming `path` unless an image can be written there: before the work that
+    makes the image, so that a typo costs nothing."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name an image file in it, e.g. {path / 'grid.png'}")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"{path}: not an image file name; end it in .png or .jpg")
+    folder = next((p for p in path.absolute().parents if p.exists()), None)
+    if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write there ({folder} is not a writable folder)")

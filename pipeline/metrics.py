@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from pipeline.classifier import load_classifier
+from pipeline.device import default_device
 from pipeline.progress import Progress
 
 CLASSIFIER_EXTRACTOR = "simple-diffusion-classifier"
@@ -101,7 +102,7 @@ def fid_kid(samples: torch.Tensor, reference: torch.Tensor, *, extractor: str,
         fid=True, kid=True,
         feature_extractor=extractor, feature_extractor_weights_path=weights,
         kid_subset_size=min(kid_subset_size, len(samples), len(reference)),
-        batch_size=batch_size, cuda=torch.cuda.is_available(), rng_seed=seed,
+        batch_size=batch_size, cuda=default_device().type == "cuda", rng_seed=seed,
         cache=reference_cache is not None, input2_cache_name=reference_cache,
         save_cpu_ram=True, verbose=False)  # save_cpu_ram: no DataLoader worker processes
     progress.close()

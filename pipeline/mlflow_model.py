@@ -2,9 +2,9 @@
 
 MLflow runs this file to rebuild the model; nothing of it is pickled
 (https://mlflow.org/docs/latest/ml/model/models-from-code/). Its one artifact, `ema`, is the EMA
-weights file that pipeline.training writes, read by pipeline.io.load_torch (weights only: a
-crafted file is refused, never run). pipeline.tracking.Run.log_ema_model logs it with the
-pipeline package as its code, so it loads anywhere MLflow and torch are installed:
+weights file (pipeline/model_file.py), read with weights only: a crafted file is refused, never
+run. pipeline.tracking.MlflowRun.log_ema_model logs it with the pipeline package as its code, so
+it loads anywhere MLflow and torch are installed:
 
     model = mlflow.pyfunc.load_model("models:/simple-diffusion/latest")
     images = model.predict(pd.DataFrame([{"num_images": 16, "seed": 0, "method": "ddim",
@@ -12,8 +12,8 @@ pipeline package as its code, so it loads anywhere MLflow and torch are installe
                                           "classes": ""}]))
 
 Input: a table, one row per request, with the columns of the logged input example
-(pipeline.generate.example_request; `classes` comma-separated, "" = all). Output: the images of
-every request in order, uint8 [N, H, W, C].
+(pipeline.model_request.example_request; `classes` comma-separated, "" = all). Output: the
+images of every request in order, uint8 [N, H, W, C].
 
 Not imported by the pipeline: set_model below registers the model when MLflow runs the file.
 """
@@ -29,7 +29,9 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from pipeline.generate import generate, load_ema_model, request_params
+from pipeline.inference import generate
+from pipeline.model_file import load_ema_model
+from pipeline.model_request import request_params
 
 
 class DiffusionModel(PythonModel):

@@ -7,7 +7,7 @@ redraws would pile up as one unreadable line, so it writes plain lines instead, 
 
     train: step 500/1500 loss 0.0412 12.3 it/s eta 1m20s
 
-`TrainProgress` is a `pipeline.training.Logger` that passes everything on to the real logger and
+`TrainProgress` is a `pipeline.logger.Relay` that passes everything on to the real logger and
 moves the bar at each `log_metrics` call; `progress_bar` wraps an iterable like tqdm does.
 """
 
@@ -16,15 +16,12 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
 from tqdm import tqdm
 
-if TYPE_CHECKING:  # not at run time: pipeline.training imports the sampler, which imports this
-    from PIL import Image
-
-    from pipeline.config import TrainParams
-    from pipeline.training import Logger
+from pipeline.config import TrainParams
+from pipeline.logger import Logger, Relay
 
 T = TypeVar("T")
 EVERY_S = 30.0  # plain lines: a CI log gets a line per half minute, not one per step
@@ -109,7 +106,7 @@ def progress_bar(items: Iterable[T], total: int, desc: str, unit: str = "step",
         progress.close()
 
 
-class TrainProgress:
+class TrainProgress(Relay):
     """The training loop's Logger: passes everything on to `logger`, and moves a progress bar
     to each logged step, with the interval's mean loss, its steps per second and the ETA.
 
@@ -118,16 +115,11 @@ class TrainProgress:
     """
 
     def __init__(self, logger: Logger, p: TrainParams, **kwargs) -> None:
-        self.logger, self.batch_size = logger, p.batch_size
+        super().__init__(logger)
+        self.batch_size = p.batch_size
         self.progress = Progress(p.steps, "train", **kwargs)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.logger.log_metrics(metrics, step)
         self.progress.update(step, metrics["images_per_s"] / self.batch_size,
                              loss=metrics["loss"])
-
-    def log_image(self, image: Image.Image, key: str, step: int) -> None:
-        self.logger.log_image(image, key, step)
-
-    def last_step(self, key: str) -> int | None:
-        return self.logger.last_step(key)

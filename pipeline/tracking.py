@@ -15,10 +15,12 @@ the training run gets the latest evaluation's metrics and final samples grid.
 `connect` checks the store before anything else happens: an MLflow server must answer within
 seconds (MLflow's client would retry for minutes), a SQLite store's folder must be writable.
 If not, it raises `TrackingUnavailable` naming the URI, or, with `tracking.required: false`,
-says that the run is NOT tracked and returns an `Untracked` stand-in with the same methods.
+says that the run is NOT tracked and returns the base `Tracker`, whose runs record nothing:
+`Tracker` and `Run` are the interfaces and the null objects, `MlflowTracker` and `MlflowRun`
+the MLflow ones.
 URIs are printed and logged only through `redact`, which masks credentials.
 
-The final EMA model is logged as an MLflow model of the training run (`Run.log_ema_model`), in
+The final EMA model is logged as an MLflow model of the training run (`MlflowRun.log_ema_model`), in
 MLflow's "models from code" form: pipeline/mlflow_model.py defines it, the EMA weights file is
 its artifact, the pipeline package its code, so nothing is pickled; it is registered in the model
 registry under `tracking.registered_model`, a new version per training.
@@ -56,7 +58,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import sqlite_store
 from pipeline.config import Params, TrackingParams, flatten
-from pipeline.generate import example_request, load_ema_model
+from pipeline.logger import Logger
+from pipeline.model_file import load_ema_model
+from pipeline.model_request import example_request
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: nests a run under another in the UI
 REACH_TIMEOUT_S = 5  # an MLflow server that has not answered by then counts as unreachable
@@ -109,17 +113,18 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def connect(p: TrackingParams) -> Tracker | Untracked:
+def connect(p: TrackingParams) -> Tracker:
     """The project's tracker. An unusable store raises TrackingUnavailable, unless tracking is
-    optional (`tracking.required: false`): then this says so and returns the `Untracked` one."""
+    optional (`tracking.required: false`): then this says so and returns a `Tracker` that
+    records nothing."""
     try:
-        return Tracker(p)
+        return MlflowTracker(p)
     except TrackingUnavailable as err:
         if p.required:
             raise
         print(f"tracking: {err}; this run is NOT tracked (tracking.required is false)",
               file=sys.stderr)
-        return Untracked(redact(tracking_uri(p)))
+        return Tracker(redact(tracking_uri(p)))
 
 
 def check_store(uri: str) -> None:
@@ -155,14 +160,49 @@ def check_readable(uri: str) -> None:
 
 
 class Tracker:
-    """An MLflow client bound to the project's store and experiment.
+    """Where runs are recorded. This base records nothing: it stands in for the MLflow tracker
+    when the store is unreachable and tracking is optional (see `connect`).
 
     `uri` is the store's URI with credentials masked: the one to print."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def training_run(self, params: Params, run_id: str | None = None) -> Run:
+        """Continue run `run_id` (a resumed training) if it exists, else start one."""
+        return Run()
+
+    def evaluation_run(self, parent_id: str | None, params: dict[str, Any]) -> Run:
+        """A run for one evaluation, nested under the training run when that run is known."""
+        return Run()
+
+    def run(self, run_id: str | None) -> Run | None:
+        """The existing run `run_id`, None if there is none."""
+        return None
+
+    def record_evaluation(self, training_run_id: str | None, step: int, settings: dict[str, Any],
+                          metrics: dict[str, float], images: list[Path], tags: dict[str, str]
+                          ) -> Run:
+        """A nested run with the evaluation's settings, metrics and images; the training run gets
+        the same metrics and images as its latest evaluation."""
+        evaluation = self.evaluation_run(training_run_id, settings)
+        for run in filter(None, [evaluation, self.run(training_run_id)]):
+            run.log_metrics(metrics, step)
+            for image in images:
+                run.log_artifact(image, "samples")
+            run.set_tags(tags)
+        evaluation.finish()
+        return evaluation
+
+
+
+class MlflowTracker(Tracker):
+    """An MLflow client bound to the project's store and experiment."""
 
     def __init__(self, p: TrackingParams) -> None:
         uri = tracking_uri(p)
         check_store(uri)
-        self.uri = redact(uri)
+        super().__init__(redact(uri))
         try:
             self.client, self.experiment_id = self._connect(uri, p.experiment)
         except (MlflowException, SQLAlchemyError, sqlite3.Error, OSError) as err:
@@ -190,10 +230,10 @@ class Tracker:
         """Continue run `run_id` (a resumed training) if it exists, else start one."""
         if run_id and self._exists(run_id):
             self.client.update_run(run_id, status="RUNNING")
-            return Run(self.client, run_id)
+            return MlflowRun(self.client, run_id)
         run = self.client.create_run(self.experiment_id, tags=run_tags(),
                                      run_name=os.environ.get("DVC_EXP_NAME") or None)
-        result = Run(self.client, run.info.run_id)
+        result = MlflowRun(self.client, run.info.run_id)
         result.log_params({**flatten(params), "tracking.uri": redact(params.tracking.uri)})
         return result
 
@@ -204,26 +244,12 @@ class Tracker:
             tags[PARENT_TAG] = parent_id
         name = os.environ.get("DVC_EXP_NAME") or "evaluation"
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{name}-eval")
-        result = Run(self.client, run.info.run_id)
+        result = MlflowRun(self.client, run.info.run_id)
         result.log_params(params)
         return result
 
     def run(self, run_id: str | None) -> Run | None:
-        return Run(self.client, run_id) if run_id and self._exists(run_id) else None
-
-    def record_evaluation(self, training_run_id: str | None, step: int, settings: dict[str, Any],
-                          metrics: dict[str, float], images: list[Path], tags: dict[str, str]
-                          ) -> Run:
-        """A nested run with the evaluation's settings, metrics and images; the training run gets
-        the same metrics and images as its latest evaluation."""
-        evaluation = self.evaluation_run(training_run_id, settings)
-        for mlflow_run in filter(None, [evaluation, self.run(training_run_id)]):
-            mlflow_run.log_metrics(metrics, step)
-            for image in images:
-                mlflow_run.log_artifact(image, "samples")
-            mlflow_run.set_tags(tags)
-        evaluation.finish()
-        return evaluation
+        return MlflowRun(self.client, run_id) if run_id and self._exists(run_id) else None
 
     def _exists(self, run_id: str) -> bool:
         try:
@@ -233,8 +259,35 @@ class Tracker:
         return True
 
 
-class Run:
-    """One MLflow run; also the `Logger` that pipeline.training writes to."""
+class Run(Logger):
+    """One tracking run: the `Logger` that pipeline.training writes to, and more. This base
+    records nothing, and its id is None, so that no checkpoint names a run to continue: it is
+    the run of an untracked stage, and of the data-parallel ranks that do not log."""
+
+    id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+    def log_ema_model(self, path: Path, registered_name: str) -> str | None:
+        """Log the EMA weights file `path` as this run's model; the URI to load it by."""
+        return None
+
+    def tag(self, key: str) -> str | None:
+        return None
+
+
+class MlflowRun(Run):
+    """One MLflow run."""
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.id = client, run_id
@@ -263,7 +316,7 @@ class Run:
         self.client.set_terminated(self.id, status)
 
     def log_ema_model(self, path: Path, registered_name: str) -> str:
-        """Log the EMA weights file `path` (pipeline.training's ema.pt) as this run's MLflow model
+        """Log the EMA weights file `path` (pipeline/model_file.py) as this run's MLflow model
         `model`, and register it as a new version of `registered_name` ("": do not register).
 
         Returns the URI to load it by: models:/NAME/VERSION, or models:/MODEL_ID unregistered.
@@ -316,57 +369,3 @@ def global_tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(None)  # unset, as the project never sets it
         if environment is not None:
             os.environ["MLFLOW_TRACKING_URI"] = environment
-
-
-class Untracked:
-    """Stands in for the Tracker when the store is unreachable and tracking is optional."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-
-    def training_run(self, params: Params, run_id: str | None = None) -> UntrackedRun:
-        return UntrackedRun()
-
-    def evaluation_run(self, parent_id: str | None, params: dict[str, Any]) -> UntrackedRun:
-        return UntrackedRun()
-
-    def run(self, run_id: str | None) -> None:
-        return None
-
-    def record_evaluation(self, training_run_id: str | None, step: int, settings: dict[str, Any],
-                          metrics: dict[str, float], images: list[Path], tags: dict[str, str]
-                          ) -> UntrackedRun:
-        return UntrackedRun()
-
-
-class UntrackedRun:
-    """A Run that records nothing; its id is None, so no checkpoint names a run to continue."""
-
-    id = None
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def log_image(self, image: Image.Image, key: str, step: int) -> None:
-        pass
-
-    def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
-
-    def finish(self, status: str = "FINISHED") -> None:
-        pass
-
-    def log_ema_model(self, path: Path, registered_name: str) -> None:
-        return None
-
-    def tag(self, key: str) -> str | None:
-        return None
-
-    def last_step(self, key: str) -> int | None:
-        return None

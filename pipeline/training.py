@@ -29,11 +29,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,24 +42,18 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.checkpoint import Checkpoints, random_states, restore_random_states
 from pipeline.config import Params, TrainParams, to_dict
 from pipeline.data import ImageSet, grid_image, to_model_range, to_uint8
+from pipeline.device import default_device, use_bf16
 from pipeline.distributed import World
 from pipeline.ema import EMA
-from pipeline.io import atomic_path, save_torch
-from pipeline.noise_scheduler import NoiseScheduler, min_snr_weights, offset_noise
-from pipeline.sampler import drop_labels, sample
+from pipeline.io import atomic_path
+from pipeline.logger import Logger, Relay
+from pipeline.model_file import save_ema_model
+from pipeline.noise_scheduler import NoiseScheduler, build_scheduler, min_snr_weights, offset_noise
+from pipeline.sampler import drop_labels, model_fn, sample
 from pipeline.unet import UNet, build_model
 
 # What a checkpoint is a checkpoint of (with the training images): resume only when they match.
 RUN_SECTIONS = ("model", "diffusion", "train")
-
-
-class Logger(Protocol):
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-
-    def log_image(self, image: Image.Image, key: str, step: int) -> None: ...
-
-    def last_step(self, key: str) -> int | None:
-        """The last step logged under `key` (a metric or an image series), None if none."""
 
 
 class Interrupted(Exception):
@@ -85,20 +78,6 @@ class TrainState:
     window: dict[str, list[float]] = field(default_factory=dict)  # a log interval's steps so far
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast for precision "bf16", or for "auto" where the hardware runs bf16 natively."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and \
-        torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def learning_rate(step: int, p: TrainParams) -> float:
     """Linear warm-up to p.lr over p.warmup_steps, then cosine decay to 0 at p.steps."""
     if step < p.warmup_steps:
@@ -115,12 +94,6 @@ def fingerprint(params: Params, data: ImageSet, processes: int = 1) -> str:
     digest.update(data.images.numpy().tobytes())
     digest.update(data.labels.numpy().tobytes())
     return digest.hexdigest()
-
-
-def model_fn(model: UNet, labels: torch.Tensor | None) -> Callable:
-    """The `model(x_t, t)` callable the sampler expects, with fixed class labels if any; `extra`
-    is the sampler's `x_self_cond=` for a self-conditioned model."""
-    return lambda x, t, **extra: model(x, t, labels, **extra)
 
 
 def sample_grid(model: UNet, scheduler: NoiseScheduler, p: TrainParams, classes: int,
@@ -166,7 +139,7 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
     if p.compile:  # the compiled network shares model's parameters; model is what gets saved
         network = torch.compile(network)
     torch.manual_seed(p.seed + world.rank)  # dropout masks: each rank draws its own
-    scheduler = NoiseScheduler(**dataclasses.asdict(params.diffusion))
+    scheduler = build_scheduler(params)
     ema = EMA(model, decay=p.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     generator = torch.Generator(device).manual_seed(p.seed)
@@ -189,39 +162,56 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
     model.train()
     with stop_requests() as stop:
         while state.step < p.steps:
-            lr = learning_rate(state.step, p)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_learning_rate(optimizer, learning_rate(state.step, p))
             index = torch.randint(len(images), (p.batch_size,), generator=generator, device=device)
             batch_labels = labels[index] if model.num_classes else None
             loss, grad_norm = train_step(network, scheduler, optimizer, to_model_range(images[index]),
-                                         batch_labels, generator, p.grad_clip, bf16,
-                                         cond_drop_prob=p.cond_drop_prob,
-                                         min_snr_gamma=p.min_snr_gamma,
-                                         offset_strength=p.offset_noise,
-                                         self_condition=params.model.self_condition,
-                                         shard=world.shard(p.batch_size))
+                                         batch_labels, generator, p, bf16,
+                                         world.shard(p.batch_size))
             loss, signum = world.agree(loss, stop.signum)
             check_finite(loss, grad_norm, state.step + 1, p, checkpoints)
             ema.update(model)
             state.step += 1
             window.add(loss, grad_norm, p.batch_size)
-            if state.step % p.log_every == 0 or state.step == p.steps:
-                row = {"step": state.step, "lr": lr, **window.flush()}
-                state.history.append(row)
-                state.seconds += row["seconds"]
-                logger.log_metrics({k: v for k, v in row.items() if k != "step"}, state.step)
-            if world.is_main and (state.step % p.sample_every == 0 or state.step == p.steps):
+            if due(state.step, p.log_every, p.steps):
+                log_interval(state, window.flush(), lr, logger)
+            if world.is_main and due(state.step, p.sample_every, p.steps):
                 with ema.swapped_in(model):
                     image = sample_grid(model, scheduler, p, len(data.classes), device)
                 logger.log_image(image, "sample_grid", state.step)
-            if state.step % p.checkpoint_every == 0 or state.step == p.steps or signum:
+            if due(state.step, p.checkpoint_every, p.steps) or signum:
                 save()
             if signum:
                 raise Interrupted(signum, state.step)
     if world.is_main:
-        save_ema_model(out_dir / "ema.pt", params, model, ema, data.classes, run_id, state.step)
+        save_ema_model(out_dir / "ema.pt", params, ema_weights(model, ema), data.classes, run_id,
+                       state.step)
     return state
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether the periodic work done every `every` steps (and at the last step) is due now."""
+    return step % every == 0 or step == last
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def log_interval(state: TrainState, window: dict[str, float], lr: float, logger: Logger) -> None:
+    """Record one logging interval's means (Window.flush) in the history and the logger."""
+    row = {"step": state.step, "lr": lr, **window}
+    state.history.append(row)
+    state.seconds += row["seconds"]
+    logger.log_metrics({k: v for k, v in row.items() if k != "step"}, state.step)
+
+
+def ema_weights(model: UNet, ema: EMA) -> dict[str, torch.Tensor]:
+    """The EMA weights as a state_dict of `model`, on the CPU."""
+    with ema.swapped_in(model):
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 @dataclass
@@ -271,12 +261,12 @@ def check_finite(loss: float, grad_norm: float, step: int, p: TrainParams,
                         f"{grad_norm}. Likely causes: {'; '.join(causes)}. Training stopped; {kept}")
 
 
-class NewStepsOnly:
+class NewStepsOnly(Relay):
     """Passes on only what the logger does not hold yet: a run killed after its last checkpoint
     already logged the steps that the resumed run computes again (bit for bit the same)."""
 
     def __init__(self, logger: Logger) -> None:
-        self.logger = logger
+        super().__init__(logger)
         self.logged: dict[str, int] = {}
 
     def _new(self, key: str, step: int) -> bool:
@@ -295,25 +285,26 @@ class NewStepsOnly:
 
 def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Optimizer,
                x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
-               grad_clip: float, bf16: bool, *, cond_drop_prob: float = 0.0,
-               min_snr_gamma: float = 0.0, offset_strength: float = 0.0,
-               self_condition: bool = False, shard: slice = slice(None)) -> tuple[float, float]:
+               p: TrainParams, bf16: bool = False, shard: slice = slice(None)
+               ) -> tuple[float, float]:
     """One optimiser step on L_simple; returns (loss, gradient norm before clipping).
 
-    Options (0 = off; each draws from `generator` only when on): labels dropped to the null class
-    with probability cond_drop_prob, Min-SNR-gamma loss weights, offset noise of that strength,
-    self-conditioning (a self-conditioned UNet: see `self_condition_input`).
+    The options of `p` (0 = off; each draws from `generator` only when on): labels dropped to
+    the null class with probability p.cond_drop_prob, Min-SNR-gamma loss weights, offset noise of
+    strength p.offset_noise; the global gradient norm is clipped to p.grad_clip. A
+    self-conditioned UNet also gets its own estimate (see `self_condition_input`).
     The random draws cover the whole batch x0; the step trains on its part `shard` (this rank's,
     under DistributedDataParallel `model`, which averages the gradients of the ranks).
     """
     t = torch.randint(scheduler.num_timesteps, (len(x0),), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-    if offset_strength > 0:
-        noise = offset_noise(noise, offset_strength, generator)
-    if cond_drop_prob > 0 and labels is not None:
-        labels = drop_labels(labels, unwrap(model).num_classes, cond_drop_prob, generator)
+    if p.offset_noise > 0:
+        noise = offset_noise(noise, p.offset_noise, generator)
+    if p.cond_drop_prob > 0 and labels is not None:
+        labels = drop_labels(labels, unwrap(model).num_classes, p.cond_drop_prob, generator)
     # Self-conditioning: one coin for the whole batch, Algorithm 1's `uniform(0, 1) > 0.5` per
     # step; drawn before sharding, so every rank agrees on it.
+    self_condition = unwrap(model).self_condition
     estimate = self_condition and torch.rand((), generator=generator, device=x0.device).item() < 0.5
     x0, noise, t = x0[shard], noise[shard], t[shard]
     labels = labels[shard] if labels is not None else None
@@ -325,15 +316,15 @@ def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Op
         else:
             prediction = model(x_t, t, labels)
     target = scheduler.get_target(x0, noise, t)
-    if min_snr_gamma > 0:
-        weights = min_snr_weights(scheduler.snr(t), min_snr_gamma, scheduler.prediction_type)
+    if p.min_snr_gamma > 0:
+        weights = min_snr_weights(scheduler.snr(t), p.min_snr_gamma, scheduler.prediction_type)
         squared_error = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
         loss = (weights.to(squared_error) * squared_error).mean()
     else:
         loss = F.mse_loss(prediction.float(), target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    max_norm = grad_clip if grad_clip > 0 else math.inf
+    max_norm = p.grad_clip if p.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
     return loss.item(), grad_norm.item()
@@ -411,18 +402,6 @@ def resume(checkpoints: Checkpoints, model: UNet, ema: EMA, optimizer: torch.opt
     optimizer.load_state_dict(checkpoint["optimizer"])
     restore_random_states(checkpoint["random"][rank], generator)
     return TrainState(**checkpoint["state"])
-
-
-def save_ema_model(path: Path, params: Params, model: UNet, ema: EMA, classes: tuple[str, ...],
-                   run_id: str | None, step: int) -> None:
-    """The EMA weights with what is needed to rebuild and sample the model (see load_ema_model)."""
-    with ema.swapped_in(model):
-        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    sections = to_dict(params)
-    sections = {"preprocess": {k: sections["preprocess"][k] for k in ("image_size", "channels")},
-                "model": sections["model"], "diffusion": sections["diffusion"]}
-    save_torch({"weights": weights, "params": sections, "classes": list(classes),
-                "run_id": run_id, "step": step}, path)
 
 
 def save_history(path: Path, history: list[dict[str, float]]) -> None:

@@ -5,20 +5,17 @@ compares samples with. A bad image is a one-line error naming it, or, with
 `preprocess.on_bad_image: skip`, a warning on stderr and part of the skipped count printed here.
 """
 
-from pathlib import Path
-
 from pipeline.config import load_params
 from pipeline.data import build_datasets
 from stages import run
-
-OUT = Path("outputs/preprocess")
+from stages.paths import REFERENCE_SET, TRAIN_SET
 
 
 def main() -> None:
     params = load_params().preprocess
     train, reference, skipped = build_datasets(params)
-    train.save(OUT / "train.pt")
-    reference.save(OUT / "reference.pt")
+    train.save(TRAIN_SET)
+    reference.save(REFERENCE_SET)
     print(f"preprocess: {len(train)} training and {len(reference)} reference images, "
           f"{params.channels}x{params.image_size}x{params.image_size}, "
           f"{len(train.classes)} classes")

@@ -6,28 +6,25 @@ drawn for, by a class-conditional model; null for an unconditional one), which e
 the samples against.
 """
 
-from pathlib import Path
-
 from pipeline.config import load_params
 from pipeline.data import grid_image
-from pipeline.generate import (draw_labels, generate, load_ema_model, progression_image,
-                               write_samples)
+from pipeline.inference import draw_labels, generate, progression_image, write_samples
 from pipeline.io import save_image, save_json
+from pipeline.model_file import load_ema_model
 from stages import run
-
-OUT = Path("outputs/sample")
+from stages.paths import EMA_MODEL, PROGRESSION, SAMPLE_GRID, SAMPLE_LABELS, SAMPLES
 
 
 def main() -> None:
     params = load_params().sample
-    trained = load_ema_model(Path("outputs/train/ema.pt"))
+    trained = load_ema_model(EMA_MODEL)
     labels = draw_labels(trained, params, params.num_images)
     images, intermediates = generate(trained, params, return_intermediates=True, labels=labels)
-    write_samples(images, Path("samples"))
+    write_samples(images, SAMPLES)
     save_json({"classes": list(trained.classes),
-               "labels": None if labels is None else labels.tolist()}, OUT / "labels.json")
-    save_image(grid_image(images[:64]), OUT / "grid.png")
-    save_image(progression_image(intermediates), OUT / "progression.png")
+               "labels": None if labels is None else labels.tolist()}, SAMPLE_LABELS)
+    save_image(grid_image(images[:64]), SAMPLE_GRID)
+    save_image(progression_image(intermediates), PROGRESSION)
     print(f"sample: {len(images)} images with {params.method}, {params.num_steps} steps")
 
 

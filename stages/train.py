@@ -12,7 +12,6 @@ process group that torchrun describes. Only rank 0 talks to MLflow and writes th
 
 import os
 import sys
-from pathlib import Path
 
 from pipeline import distributed
 from pipeline.checkpoint import Checkpoints
@@ -21,13 +20,14 @@ from pipeline.data import ImageSet
 from pipeline.io import save_json
 from pipeline.plots import save_loss_curve
 from pipeline.progress import TrainProgress
-from pipeline.tracking import Run, UntrackedRun, connect
+from pipeline.tracking import Run, connect
 from pipeline.training import (Interrupted, TrainState, fingerprint, save_history, summary,
                                train)
 from pipeline.unet import build_model, count_parameters
 from stages import run
+from stages.paths import (CHECKPOINTS, EMA_MODEL, HISTORY, LOSS_CURVE, TRAIN_DIR, TRAIN_METRICS,
+                          TRAIN_SET)
 
-OUT = Path("outputs/train")
 MODEL_TAG = "ema_model_uri"  # set once the EMA model is logged (and registered)
 
 
@@ -44,19 +44,19 @@ def main() -> None:
 
 
 def train_and_record(params: Params, world: distributed.World) -> None:
-    data = ImageSet.load("outputs/preprocess/train.pt")
+    data = ImageSet.load(TRAIN_SET)
     check_data_size(params, len(data))
     if world.is_main:
         tracker = connect(params.tracking)  # an unreachable store fails here, before any work
-        checkpoints = Checkpoints(OUT / "checkpoints", fingerprint(params, data, world.size))
+        checkpoints = Checkpoints(CHECKPOINTS, fingerprint(params, data, world.size))
         mlflow_run = tracker.training_run(params, checkpoints.run_id())
         checkpoints.set_run_id(mlflow_run.id)  # a kill before the first checkpoint keeps it too
         print(f"train: MLflow run {mlflow_run.id} in {tracker.uri}")
     else:
-        mlflow_run = UntrackedRun()
+        mlflow_run = Run()  # records nothing: only rank 0 logs
     try:
         logger = TrainProgress(mlflow_run, params.train) if world.is_main else mlflow_run
-        state = train(params, data, OUT, logger, run_id=mlflow_run.id, world=world)
+        state = train(params, data, TRAIN_DIR, logger, run_id=mlflow_run.id, world=world)
     except Interrupted as stop:
         mlflow_run.finish("KILLED")
         print(f"train: {stop}", file=sys.stderr)
@@ -71,16 +71,16 @@ def train_and_record(params: Params, world: distributed.World) -> None:
         record(params, state, mlflow_run)
 
 
-def record(params: Params, state: TrainState, mlflow_run: Run | UntrackedRun) -> None:
+def record(params: Params, state: TrainState, mlflow_run: Run) -> None:
     metrics = summary(state, count_parameters(build_model(params)))
-    save_history(OUT / "history.csv", state.history)
-    save_loss_curve(state.history, OUT / "loss.png")
-    save_json(metrics, OUT / "metrics.json")
+    save_history(HISTORY, state.history)
+    save_loss_curve(state.history, LOSS_CURVE)
+    save_json(metrics, TRAIN_METRICS)
     if (mlflow_run.last_step("train/final_loss") or 0) < state.step:  # not after a late kill
         mlflow_run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, state.step)
     model_uri = mlflow_run.tag(MODEL_TAG)
     if model_uri is None and mlflow_run.id is not None:  # once, also after a late kill
-        model_uri = mlflow_run.log_ema_model(OUT / "ema.pt", params.tracking.registered_model)
+        model_uri = mlflow_run.log_ema_model(EMA_MODEL, params.tracking.registered_model)
         mlflow_run.set_tags({MODEL_TAG: model_uri})
     mlflow_run.finish()
     if model_uri:

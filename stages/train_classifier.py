@@ -3,25 +3,22 @@
 Depends only on the preprocessed images and `classifier.*`, so all experiments share it.
 """
 
-from pathlib import Path
-
 from pipeline.classifier import accuracy, save_classifier, train_classifier
 from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.io import save_json
 from stages import run
-
-OUT = Path("outputs/classifier")
+from stages.paths import CLASSIFIER, CLASSIFIER_METRICS, REFERENCE_SET, TRAIN_SET
 
 
 def main() -> None:
     params = load_params().classifier
-    train = ImageSet.load("outputs/preprocess/train.pt")
-    reference = ImageSet.load("outputs/preprocess/reference.pt")
+    train = ImageSet.load(TRAIN_SET)
+    reference = ImageSet.load(REFERENCE_SET)
     model = train_classifier(train, params)
     test_accuracy = accuracy(model, reference)
-    save_classifier(model, OUT / "model.pt")
-    save_json({"test_accuracy": test_accuracy}, OUT / "metrics.json")
+    save_classifier(model, CLASSIFIER)
+    save_json({"test_accuracy": test_accuracy}, CLASSIFIER_METRICS)
     print(f"train_classifier: held-out accuracy {test_accuracy:.4f}")
 
 

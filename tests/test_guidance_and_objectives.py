@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from pipeline.config import ParamsError, SampleParams, from_dict
-from pipeline.generate import TrainedModel, class_grid, draw_labels, generate
+from pipeline.config import ParamsError, SampleParams, TrainParams, from_dict
+from pipeline.inference import class_grid, draw_labels, generate
+from pipeline.model_file import TrainedModel
 from pipeline.noise_scheduler import NoiseScheduler, offset_noise
 from pipeline.sampler import drop_labels
 from pipeline.training import train_step
@@ -20,6 +21,7 @@ class Spy(torch.nn.Module):
     def __init__(self, num_classes: int = 3) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.self_condition = False
         self.scale = torch.nn.Parameter(torch.tensor(0.5))
         self.inputs = []
 
@@ -32,7 +34,8 @@ def step(model, scheduler, x0, labels, **options):
     """One train_step with seed 0; returns the loss and a generator replaying its first draws."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     generator = torch.Generator().manual_seed(0)
-    loss, _ = train_step(model, scheduler, optimizer, x0, labels, generator, 0.0, False, **options)
+    loss, _ = train_step(model, scheduler, optimizer, x0, labels, generator,
+                         TrainParams(grad_clip=0.0, **options))
     replay = torch.Generator().manual_seed(0)
     t = torch.randint(scheduler.num_timesteps, (len(x0),), generator=replay)
     noise = torch.randn(x0.shape, generator=replay)
@@ -67,7 +70,7 @@ def test_train_step_drops_labels_from_the_training_generator():
 
 def test_train_step_offset_noise():
     scheduler, model = NoiseScheduler(100), Spy()
-    loss, _, replay, t, noise = step(model, scheduler, X0, None, offset_strength=0.3)
+    loss, _, replay, t, noise = step(model, scheduler, X0, None, offset_noise=0.3)
     shifted = offset_noise(noise, 0.3, replay)
     x_t = model.inputs[0][0]
     torch.testing.assert_close(x_t, scheduler.add_noise(X0, shifted, t), rtol=0, atol=1e-6)
@@ -194,7 +197,8 @@ def test_drop_rate_in_training_is_cond_drop_prob():
     generator = torch.Generator().manual_seed(1)
     x0, labels = torch.zeros(500, 1, 2, 2), torch.arange(500) % 3
     for _ in range(20):
-        train_step(model, scheduler, optimizer, x0, labels, generator, 0.0, False, cond_drop_prob=0.2)
+        train_step(model, scheduler, optimizer, x0, labels, generator,
+                   TrainParams(grad_clip=0.0, cond_drop_prob=0.2))
     seen = torch.cat([inputs[2] for inputs in model.inputs])
     # Binomial standard error sqrt(0.2 * 0.8 / 10k) = 0.004; allow 5.
     assert (seen == 3).float().mean().item() == pytest.approx(0.2, abs=5 * math.sqrt(0.16 / len(seen)))

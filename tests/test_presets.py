@@ -20,9 +20,11 @@ from PIL import Image
 
 from pipeline.config import Params, ParamsError, check_data_size, flatten, from_dict, load_params
 from pipeline.data import build_datasets
-from pipeline.generate import generate, load_ema_model
+from pipeline.inference import generate
+from pipeline.model_file import load_ema_model
 from pipeline.training import train
 from pipeline.unet import SelfAttention, build_model, count_parameters
+from test_training import Recorder
 from stages.preset import KEPT, find_preset, load_preset, main, preset_names, set_options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,22 +114,6 @@ def test_cifar10_model_is_the_ddpm_paper_model_less_its_middle_attention():
     middle_attention = count_parameters(SelfAttention(256, m.num_heads, m.norm_groups))
     assert middle_attention == 263_680
     assert count_parameters(build_model(params)) + middle_attention == DDPM_CIFAR10_PARAMETERS
-
-
-class Recorder:
-    """A training Logger that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.metrics, self.images = [], []
-
-    def last_step(self, key):
-        return None
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((step, metrics))
-
-    def log_image(self, image, key, step):
-        self.images.append((key, step, image.size))
 
 
 def fake_data_set(root: Path, data: DataSet) -> None:

@@ -3,9 +3,11 @@
 import io
 
 import pytest
+from PIL import Image
 
 from pipeline.config import TrainParams
 from pipeline.progress import Progress, TrainProgress, duration, progress_bar
+from test_training import Recorder
 
 
 class Clock:
@@ -14,22 +16,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class Recorder:
-    """A stand-in for the MLflow run: remembers what reaches it."""
-
-    def __init__(self) -> None:
-        self.metrics, self.images = [], []
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((step, metrics))
-
-    def log_image(self, image, key, step):
-        self.images.append((key, step))
-
-    def last_step(self, key):
-        return 7 if key == "loss" else None
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (45.4, "45s"), (80, "1m20s"),
@@ -90,8 +76,8 @@ def test_train_progress_passes_everything_on_and_moves_the_bar():
                            stream=out, terminal=False, every_s=0)
     row = {"loss": 0.5, "lr": 1e-3, "grad_norm": 2.0, "images_per_s": 64.0, "seconds": 1.25}
     logger.log_metrics(row, 20)
-    logger.log_image("image", "sample_grid", 20)
-    assert run.metrics == [(20, row)] and run.images == [("sample_grid", 20)]
-    assert logger.last_step("loss") == 7  # the training loop's resume check reaches the run
+    logger.log_image(Image.new("L", (3, 2)), "sample_grid", 20)
+    assert run.metrics == [(20, row)] and run.images == [("sample_grid", 20, (3, 2))]
+    assert logger.last_step("loss") == 20  # the training loop's resume check reaches the run
     # 64 images/s at batch 16 = 4 steps/s, 80 steps left = 20 s
     assert out.getvalue() == "train: step 20/100 loss 0.5 4 it/s eta 20s\n"

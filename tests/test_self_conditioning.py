@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from bench.models import reference_model
-from pipeline.config import Params, ParamsError, from_dict, load_params
-from pipeline.generate import denoiser, generate, load_ema_model
+from pipeline.config import Params, ParamsError, TrainParams, from_dict, load_params
+from pipeline.inference import denoiser, generate
+from pipeline.model_file import load_ema_model
 from pipeline.io import load_torch
 from pipeline.noise_scheduler import NoiseScheduler, min_snr_weights, offset_noise
-from pipeline.sampler import METHODS, drop_labels, guided, sample
-from pipeline.training import model_fn, train, train_step
+from pipeline.sampler import METHODS, drop_labels, guided, model_fn, sample
+from pipeline.training import train, train_step
 from pipeline.unet import UNet, build_model, count_parameters
 from test_training import TINY, Recorder, tiny_data
 
@@ -199,10 +200,10 @@ def recorded(model):
     return calls
 
 
-def one_step(model, scheduler, generator, **options):
+def one_step(model, scheduler, generator, shard=slice(None)):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    return train_step(model, scheduler, optimizer, X0, None, generator, 0.0, False,
-                      self_condition=True, **options)
+    return train_step(model, scheduler, optimizer, X0, None, generator, TrainParams(grad_clip=0.0),
+                      shard=shard)
 
 
 def test_a_step_runs_two_passes_on_heads_and_one_on_tails_drawn_from_the_generator():
@@ -273,9 +274,9 @@ def test_the_coin_is_drawn_last_and_the_other_options_still_compose():
     dropped = drop_labels(labels, 3, 0.3, replayed)
     assert torch.rand((), generator=replayed).item() < 0.5  # heads for this seed: two passes
     assert not torch.equal(dropped, labels)
-    loss, _ = train_step(model, scheduler, optimizer, X0, labels, generator, 0.0, False,
-                         cond_drop_prob=0.3, min_snr_gamma=5.0, offset_strength=0.1,
-                         self_condition=True)
+    loss, _ = train_step(model, scheduler, optimizer, X0, labels, generator,
+                         TrainParams(grad_clip=0.0, cond_drop_prob=0.3, min_snr_gamma=5.0,
+                                     offset_noise=0.1))
     assert torch.equal(generator.get_state(), replayed.get_state())
     assert len(calls) == 2 and all(torch.equal(args[2], dropped) for args, _, _ in calls)
     x_t = scheduler.add_noise(X0, noise, t)

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import sqlite_store
 from pipeline.config import TrackingParams
-from pipeline.tracking import Tracker, TrackingUnavailable
+from pipeline.tracking import MlflowTracker, TrackingUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_a_store_another_process_is_setting_up_is_waited_for_not_joined(tmp_path
         time.sleep(0.01)
     assert sqlite_store._schema_state(database)[0] != _get_latest_schema_revision()  # half set up
 
-    tracker = Tracker(TrackingParams(experiment="after the other"))  # waits, then opens it
+    tracker = MlflowTracker(TrackingParams(experiment="after the other"))  # waits, then opens it
     assert revision_and_journal_mode(database) == (_get_latest_schema_revision(), "wal")
     assert other.wait(timeout=120) == 0, other.stderr.read()
     assert tracker.client.get_experiment(tracker.experiment_id).name == "after the other"
@@ -103,4 +103,4 @@ def test_an_old_store_nobody_is_changing_is_left_to_mlflow_which_names_the_upgra
     with closing(sqlite3.connect(database)) as db, db:
         db.execute("UPDATE alembic_version SET version_num = '0584bdc529eb'")  # an old one
     with pytest.raises(TrackingUnavailable, match="mlflow db upgrade"):
-        Tracker(TrackingParams(experiment="test"))
+        MlflowTracker(TrackingParams(experiment="test"))

@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.config import Params, TrackingParams, flatten
-from pipeline.tracking import (PARENT_TAG, REACH_TIMEOUT_S, Tracker, TrackingUnavailable,
-                               Untracked, check_store, connect, redact, tracking_uri)
+from pipeline.tracking import (PARENT_TAG, REACH_TIMEOUT_S, MlflowTracker, Tracker,
+                               TrackingUnavailable, check_store, connect, redact, tracking_uri)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def tracker(root, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(root))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_EXP_NAME", "lucky-lynx")
-    return Tracker(TrackingParams(experiment="test"))
+    return MlflowTracker(TrackingParams(experiment="test"))
 
 
 def test_default_store_is_sqlite_in_the_project_root(root, monkeypatch):
@@ -161,7 +161,7 @@ def test_unreachable_server_with_optional_tracking_trains_on_untracked(monkeypat
     err = capsys.readouterr().err
     assert f"http://***@127.0.0.1:{port} is unreachable" in err
     assert "this run is NOT tracked" in err and "s3cret" not in err
-    assert isinstance(tracker, Untracked) and tracker.uri == f"http://***@127.0.0.1:{port}"
+    assert type(tracker) is Tracker and tracker.uri == f"http://***@127.0.0.1:{port}"
     run = tracker.training_run(Params())
     run.log_metrics({"loss": 1.0}, step=5)
     run.log_image(Image.new("L", (8, 8)), "sample_grid", step=5)

@@ -7,9 +7,11 @@ import torch
 
 from pipeline.config import TrainParams, from_dict
 from pipeline.data import ImageSet
-from pipeline.generate import generate, load_ema_model, progression_image, write_samples
+from pipeline.inference import generate, progression_image, write_samples
+from pipeline.model_file import load_ema_model
 from pipeline import training
 from pipeline.io import UnsafeFileError, save_torch
+from pipeline.logger import Logger
 from pipeline.training import NonFiniteLoss, TrainState, learning_rate, save_history, summary, train
 
 TINY = {"preprocess": {"image_size": 8, "channels": 1},
@@ -34,7 +36,7 @@ def tiny_data(n: int = 16) -> ImageSet:
     return ImageSet(images, torch.arange(n) % 2, ("a", "b"))
 
 
-class Recorder:
+class Recorder(Logger):
     """A Logger that keeps what it is given."""
 
     def __init__(self, stop_at: int | None = None) -> None:
