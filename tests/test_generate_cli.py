@@ -8,6 +8,8 @@ temporary SQLite store: once unregistered, then as versions 1 and 2 of one regis
 import json
 import os
 import re
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,12 +22,17 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipeline import generate as generate_cli
 from pipeline.config import TrackingParams, from_dict
-from pipeline.data import ImageSet
-from pipeline.generate import (example_request, generate, load_ema_model, main,
-                               request_params, sample_params)
+from pipeline.data import ImageSet, grid_image
+from pipeline.config import sample_params
+from pipeline.generate import main
+from pipeline.inference import generate
+from pipeline.model_file import load_ema_model
+from pipeline.model_request import example_request, request_params
 from pipeline.io import save_torch
-from pipeline.tracking import Tracker, UntrackedRun
+from pipeline.logger import Logger
+from pipeline.tracking import MlflowTracker, Run
 from pipeline.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,17 +51,6 @@ OPTIONS = ["--method", "ddim", "--steps", "3", "--eta", "0.5", "--guidance", "1.
 SAMPLE = {"method": "ddim", "num_steps": 3, "eta": 0.5, "guidance_scale": 1.5, "classes": ["b"]}
 
 
-class NoLogger:
-    def log_metrics(self, metrics, step):
-        pass
-
-    def log_image(self, image, key, step):
-        pass
-
-    def last_step(self, key):
-        return None
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """The tiny model's ema.pt, logged without a name, then registered twice."""
@@ -68,8 +64,8 @@ def store(tmp_path_factory):
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
         params = from_dict(TINY)
         train(params, ImageSet(images, torch.arange(16) % 2, ("a", "b")), root / "train",
-              NoLogger())
-        tracker = Tracker(TrackingParams(experiment="test"))
+              Logger())
+        tracker = MlflowTracker(TrackingParams(experiment="test"))
         client = MlflowClient(tracker.uri)
         runs, uris, versions = [], [], []
         for name in ["", NAME, NAME]:
@@ -122,7 +118,7 @@ def test_each_registration_is_a_new_version_of_the_runs_logged_model(store):
         assert [(m.key, m.value, m.run_id) for m in logged.metrics] == \
             [("train/final_loss", 0.25, run.id)]
     assert store.environment_after is None  # logging leaves no MLFLOW_TRACKING_URI behind
-    assert UntrackedRun().log_ema_model(store.ema, NAME) is None  # tracking off: nothing logged
+    assert Run().log_ema_model(store.ema, NAME) is None  # tracking off: nothing logged
 
 
 def test_cli_draws_the_same_grid_from_the_registry_and_the_local_file(store, tmp_path):
@@ -176,7 +172,7 @@ def closed_port() -> int:
     (["--model", f"models:/{NAME}/1", "--tracking-uri", "sqlite:///TMP/missing.db"],
      "MLflow tracking store sqlite:///TMP/missing.db does not exist"),
     (["--model", "TMP/tensors.pt"],
-     "--model TMP/tensors.pt: not an EMA model file (the ema.pt of pipeline.training): it has "
+     "--model TMP/tensors.pt: not an EMA model file (the ema.pt of the train stage): it has "
      "no 'params'"),
     (["--model", "EMA", "--method", "euler"],
      "--method = 'euler' is not allowed; choose one of 'ddpm', 'ddim', 'dpmpp_2m'"),
@@ -283,3 +279,50 @@ def test_cli_samples_on_the_gpu(store, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "on cuda" in result.stdout
     assert Image.open(tmp_path / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)
+
+
+def readme_generate_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    return [line.removeprefix("uv run ") for line in readme.splitlines()
+            if line.startswith("uv run python -m pipeline.generate ")]
+
+
+def test_the_readmes_generate_examples_run_as_written(store, tmp_path):
+    commands = readme_generate_commands()
+    assert len(commands) == 2
+    (store.root / "outputs/train").mkdir(parents=True, exist_ok=True)
+    shutil.copy(store.ema, store.root / "outputs/train/ema.pt")
+    for command in commands:
+        # Only the registry name differs: the test store registers its model as NAME.
+        args = shlex.split(command.replace("models:/simple-diffusion/", f"models:/{NAME}/"))[3:]
+        (store.root / "grid.png").unlink(missing_ok=True)
+        result = cli(store, *args)
+        assert result.returncode == 0, result.stderr
+        assert "generate: 64 images" in result.stdout  # --num 64, written or the default
+        assert Image.open(store.root / "grid.png").size == grid_image(torch.zeros(64, 1, 8, 8)).size
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("TMP", "--out TMP is a folder; name an image file in it, e.g. TMP/grid.png"),
+    ("TMP/grid.tmp", "--out TMP/grid.tmp: not an image file name; end it in .png or .jpg"),
+    ("TMP/grid", "--out TMP/grid: not an image file name; end it in .png or .jpg"),
+    ("TMP/file.txt/grid.png", "--out TMP/file.txt/grid.png: cannot write there (TMP/file.txt is "
+                              "not a writable folder)"),
+])
+def test_a_bad_out_path_is_named_before_any_sampling(store, tmp_path, monkeypatch, out, message):
+    (tmp_path / "file.txt").write_text("")
+    monkeypatch.setattr(generate_cli, "load_model", lambda *a: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) as exit:
+        main(["--model", str(store.ema), "--out", out.replace("TMP", str(tmp_path))])
+    assert str(exit.value.code) == f"generate: error: {message.replace('TMP', str(tmp_path))}"
+
+
+def test_an_unwritable_out_folder_is_named_before_any_sampling(store, tmp_path, monkeypatch):
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o500)
+    monkeypatch.setattr(generate_cli, "load_model", lambda *a: pytest.fail("loaded the model"))
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != folder)  # root may write
+    with pytest.raises(SystemExit) as exit:
+        main(["--model", str(store.ema), "--out", str(folder / "grid.png")])
+    assert str(exit.value.code) == (f"generate: error: --out {folder / 'grid.png'}: cannot write "
+                                    f"there ({folder} is not a writable folder)")
