@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -89,13 +88,12 @@ def fetch_weights(model: str, uri: str | None, folder: Path) -> Path:
     # Imported here: MLflow takes seconds to import, and a local ema.pt needs none of it.
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
-    from pipeline.tracking import check_readable, global_tracking_uri, tracking_uri
+    from pipeline.tracking import check_readable, global_tracking_uri, quiet_mlflow, tracking_uri
 
     uri = uri or tracking_uri(TrackingParams())
     check_readable(uri)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file
     try:
-        with global_tracking_uri(uri):
+        with global_tracking_uri(uri), quiet_mlflow():
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model,
                                                              dst_path=str(folder)))
     except MlflowException as err:

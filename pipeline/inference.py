@@ -49,13 +49,13 @@ def denoiser(model: UNet, labels: torch.Tensor | None, guidance_scale: float) ->
 
 
 def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = None,
-             return_intermediates: bool = False, labels: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+             return_intermediates: bool = False, labels: torch.Tensor | None = None,
+             progress: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """uint8 images [N, C, H, W] from the configured sampler, in batches, seeded by p.seed.
 
     A class-conditional model draws image i of class `draw_labels(...)[i]`, or of `labels[i]`
     when given (which then sets N). With return_intermediates, also the x0 predictions of every
-    step of the first batch.
+    step of the first batch. `progress`: a progress bar per batch on stderr.
     """
     model = trained.model
     device = next(model.parameters()).device
@@ -72,7 +72,7 @@ def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = No
                      method=p.method, num_steps=p.num_steps, eta=p.eta,
                      timestep_spacing=p.timestep_spacing, clip_sample=p.clip_sample,
                      variance_type=p.variance_type, generator=generator, device=device,
-                     return_intermediates=return_intermediates and start == 0, progress=True,
+                     return_intermediates=return_intermediates and start == 0, progress=progress,
                      self_condition=model.self_condition)
         if return_intermediates and start == 0:
             out, intermediates = out

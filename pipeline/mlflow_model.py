@@ -40,7 +40,8 @@ class DiffusionModel(PythonModel):
 
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> np.ndarray:
-        batches = [generate(self.trained, p, num_images=n)[0]
+        # No progress bars: a served model's log is not a terminal.
+        batches = [generate(self.trained, p, num_images=n, progress=False)[0]
                    for p, n in map(request_params, model_input.to_dict("records"))]
         return torch.cat(batches).permute(0, 2, 3, 1).numpy()
 

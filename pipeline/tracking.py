@@ -31,12 +31,14 @@ creates it whole and switches it to write-ahead logging, so that none of them br
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -63,6 +65,7 @@ from pipeline.model_file import load_ema_model
 from pipeline.model_request import example_request
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: nests a run under another in the UI
+PROGRESS_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its download bars
 REACH_TIMEOUT_S = 5  # an MLflow server that has not answered by then counts as unreachable
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # the pyfunc model, "models from code"
 # What the logged model needs to load and sample (pinned to this environment's versions):
@@ -214,7 +217,8 @@ class MlflowTracker(Tracker):
         # experiment, which two processes must not do at once.
         with FileLock(str(project_root() / ".mlflow.lock"), timeout=600):
             if uri.startswith("sqlite:"):
-                sqlite_store.prepare(sqlite_store.database_path(uri))
+                with quiet_mlflow():  # "Creating initial MLflow database tables..."
+                    sqlite_store.prepare(sqlite_store.database_path(uri))
             client = MlflowClient(uri)
             found = client.get_experiment_by_name(experiment)
             if found is not None:
@@ -330,7 +334,7 @@ class MlflowRun(Run):
         # in the global, default one).
         model = self.client.create_logged_model(
             self.client.get_run(self.id).info.experiment_id, name="model", source_run_id=self.id)
-        with global_tracking_uri(self.client.tracking_uri):
+        with global_tracking_uri(self.client.tracking_uri), quiet_mlflow():
             info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc,
                              run_id=self.id, model_id=model.model_id, step=trained.step,
                              python_model=str(MODEL_CODE), artifacts={"ema": str(path)},
@@ -353,6 +357,27 @@ class MlflowRun(Run):
         steps += [int(m.group(1)) for a in self.client.list_artifacts(self.id, "images")
                   if (m := image.match(a.path))]
         return max(steps, default=None)
+
+
+@contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """MLflow's INFO lines, its artifact progress bars and its hint that the input example has
+    integer columns (ours never miss values) held back for a while: the stage prints one line
+    of its own for what was logged. Warnings and errors still show."""
+    logger = logging.getLogger("mlflow")
+    level, bars = logger.level, os.environ.get(PROGRESS_BARS)
+    logger.setLevel(logging.WARNING)
+    os.environ[PROGRESS_BARS] = "false"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+            yield
+    finally:
+        logger.setLevel(level)
+        if bars is None:
+            os.environ.pop(PROGRESS_BARS)
+        else:
+            os.environ[PROGRESS_BARS] = bars
 
 
 @contextmanager

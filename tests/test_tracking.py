@@ -320,3 +320,33 @@ def test_the_documented_mlflow_ui_listens_on_loopback_only(tmp_path):
     finally:
         os.killpg(ui.pid, signal.SIGTERM)  # the UI and the workers it started
         ui.wait(timeout=60)
+
+
+def test_the_train_log_holds_the_stages_lines_not_mlflows_chatter(tmp_path):
+    from stage_project import finish, make_project
+
+    log = finish(make_project(tmp_path / "p", train={"steps": 8, "checkpoint_every": 8}))
+    assert "train: EMA model logged to MLflow as models:/simple-diffusion/1" in log
+    for chatter in (" INFO mlflow", "UserWarning", "Inferred schema contains integer",
+                    "Downloading artifacts", "ddim: step"):
+        assert chatter not in log, chatter
+    assert os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR") is None
+
+
+def test_quiet_mlflow_puts_the_logger_and_the_environment_back():
+    import logging
+    import warnings
+
+    from pipeline.tracking import quiet_mlflow
+
+    logger = logging.getLogger("mlflow")
+    before = logger.level
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_mlflow():
+            assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+            assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+            warnings.warn("Hint: Inferred schema contains integer column(s).")
+            warnings.warn("a real problem")
+    assert [str(w.message) for w in caught] == ["a real problem"]
+    assert logger.level == before and "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
