@@ -15,9 +15,10 @@ with the same params and data resumes from the newest readable one. Since the da
 noise and dropout all come from the saved random states, the resumed run is bit for bit the run
 that was not interrupted (on the CPU). SIGINT and SIGTERM stop the loop after the current step
 with a checkpoint (`Interrupted`); a non-finite loss stops it before anything is saved
-(`NonFiniteLoss`). Metrics and sample grids go to a `Logger` (pipeline/tracking.py provides the
-MLflow one), so this module never touches MLflow; steps that the logger already holds, from a
-run killed after its last checkpoint, are not logged twice.
+(`NonFiniteLoss`). Metrics and sample grids go to a `Logger` (pipeline/logger.py; the MLflow run
+of pipeline/tracking.py is one), so this module never touches MLflow; steps that the logger
+already holds, from a run killed after its last checkpoint, are not logged twice. The EMA
+weights are saved as pipeline/model_file.py's ema.pt.
 """
 
 from __future__ import annotations
