@@ -6,8 +6,9 @@ resized to `image_size` (bicubic; antialiased when shrinking) and centre-cropped
 The result is an `ImageSet`: uint8 images [N, C, H, W], int64 class labels [N] and class names,
 which is all that training and evaluation need and loads in a fraction of a second.
 A file that cannot be used (corrupt, truncated, not an image, smaller than `image_size` unless
-upscaling is allowed) and an empty class folder are errors that name them, or with
-`preprocess.on_bad_image: skip` warnings and a count of skipped files (`BadImages`).
+upscaling is allowed), an empty class folder and a class folder that is a symbolic link (DVC
+would not pin its images) are errors that name them, or with `preprocess.on_bad_image: skip`
+warnings and a count of skipped files (`BadImages`).
 The model works in [-1, 1] (DDPM, Ho et al. 2020, sec. 3.3: pixels scaled linearly to [-1, 1]).
 """
 
@@ -88,6 +89,26 @@ class BadImages:
                             "set preprocess.on_bad_image: skip)")
         warn(f"{folder}: {why}; not used as a class")
 
+    def linked_folder(self, folder: Path) -> None:
+        problem, fix = link_problem(folder)
+        if self.policy == "error":
+            raise DataError(f"{problem}; {fix} (or set preprocess.on_bad_image: skip to leave it "
+                            "out)")
+        warn(f"{problem}; not used as a class ({fix})")
+
+
+def link_problem(folder: Path) -> tuple[str, str]:
+    """Why a linked folder cannot be data, and how to mend it.
+
+    `dvc add` skips a symbolic link to a folder, so the images in it would be trained on but
+    not pinned by data.dvc, and a change to them would leave `dvc status` clean. (A linked
+    file is fine: DVC hashes what it points to and pins that.)
+    """
+    target = folder.resolve()
+    return (f"{folder}: a symbolic link to {target}; DVC does not version what a linked folder "
+            "holds (`dvc add` skips it), so data.dvc would not pin these images",
+            f"replace the link with a copy: rm {folder} && cp -r {target} {folder}")
+
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
@@ -100,13 +121,16 @@ def find_images(folder: Path, bad: BadImages) -> tuple[list[Path], list[str]]:
     Every file in a class folder is returned, hidden dotfiles (.DS_Store) excepted, so that a
     file which is not an image becomes a bad file when loaded rather than silently ignored.
     Files next to the class folders (README.md, train.csv) are not data. An empty class folder
-    goes to `bad`.
+    and a class folder that is a symbolic link (which DVC would not pin) go to `bad`.
     """
     if not folder.is_dir():
         raise DataError(f"{folder}: image folder not found")
     class_dirs = sorted(d for d in visible(folder) if d.is_dir())
     files, names = [], []
     for class_dir in class_dirs or [folder]:
+        if class_dir.is_symlink():
+            bad.linked_folder(class_dir)
+            continue
         found = sorted(visible(class_dir))
         if class_dirs and not found:
             bad.empty_class(class_dir, "empty class folder")

@@ -154,6 +154,24 @@ def test_non_image_in_class_folder_is_bad_but_dotfiles_and_top_level_files_are_n
         build_datasets(p)
 
 
+def test_linked_class_folder_is_refused_or_skipped_but_a_linked_file_is_read(tmp_path, capsys):
+    # `dvc add` skips a link to a folder (its images would be trained on but not pinned by
+    # data.dvc), while it hashes what a linked file holds and pins that.
+    elsewhere = folder(tmp_path / "elsewhere", {"1": 2})
+    data = folder(tmp_path / "data", {"0": 1})
+    (data / "1").symlink_to(elsewhere / "1", target_is_directory=True)
+    (data / "0" / "linked.png").symlink_to(elsewhere / "1" / "0.png")
+    problem = (f"{data / '1'}: a symbolic link to {elsewhere / '1'}; DVC does not version what a "
+               "linked folder holds (`dvc add` skips it), so data.dvc would not pin these images")
+    fix = f"replace the link with a copy: rm {data / '1'} && cp -r {elsewhere / '1'} {data / '1'}"
+    with pytest.raises(DataError) as err:
+        load_folder(data, 6, 1)
+    assert str(err.value) == f"{problem}; {fix} (or set preprocess.on_bad_image: skip to leave it out)"
+    images = load_folder(data, 6, 1, bad=BadImages("skip"))
+    assert images.classes == ("0",) and len(images) == 2  # 0.png and the linked file
+    assert capsys.readouterr().err == f"warning: {problem}; not used as a class ({fix})\n"
+
+
 def test_skip_mode_warns_per_file_counts_and_keeps_the_good_images(tmp_path, capsys):
     folder(tmp_path / "train", {"0": 2, "1": 1})
     folder(tmp_path / "test", {"0": 1})
