@@ -120,12 +120,16 @@ def find_images(folder: Path, bad: BadImages) -> tuple[list[Path], list[str]]:
     Classes are the sub-folders; a folder without sub-folders is one class named after it.
     Every file in a class folder is returned, hidden dotfiles (.DS_Store) excepted, so that a
     file which is not an image becomes a bad file when loaded rather than silently ignored.
-    Files next to the class folders (README.md, train.csv) are not data. An empty class folder
-    and a class folder that is a symbolic link (which DVC would not pin) go to `bad`.
+    Files next to the class folders (README.md, train.csv) are not data; images among them are
+    reported as left out (`warn_loose_images`). An empty class folder and a class folder that
+    is a symbolic link (which DVC would not pin) go to `bad`.
     """
     if not folder.is_dir():
         raise DataError(f"{folder}: image folder not found")
-    class_dirs = sorted(d for d in visible(folder) if d.is_dir())
+    entries = visible(folder)
+    class_dirs = sorted(d for d in entries if d.is_dir())
+    if class_dirs:
+        warn_loose_images(folder, entries)
     files, names = [], []
     for class_dir in class_dirs or [folder]:
         if class_dir.is_symlink():
@@ -140,6 +144,22 @@ def find_images(folder: Path, bad: BadImages) -> tuple[list[Path], list[str]]:
         raise DataError(f"{folder}: no images found (expected {folder}/<class>/<image>, "
                         f"with suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
     return files, names
+
+
+def warn_loose_images(folder: Path, entries: list[Path]) -> None:
+    """Say which images next to the class folders are left out: a user who put them there most
+    likely meant them as data. Other files there (README.md, train.csv) are left out silently."""
+    loose = sorted(p.name for p in entries
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if loose:
+        names = loose[0] if len(loose) == 1 else f"{loose[0]} ... {loose[-1]}"
+        warn(f"{folder}: left out {plural(len(loose), 'image file')} beside the class folders "
+             f"({names}); only <class>/<image> is read, so files next to class folders are not "
+             "data: move them into a class folder")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def visible(folder: Path) -> list[Path]:

@@ -172,6 +172,26 @@ def test_linked_class_folder_is_refused_or_skipped_but_a_linked_file_is_read(tmp
     assert capsys.readouterr().err == f"warning: {problem}; not used as a class ({fix})\n"
 
 
+def test_images_next_to_class_folders_are_reported_as_left_out(tmp_path, capsys):
+    data = folder(tmp_path / "train", {"0": 4})
+    for i in range(40):
+        save(data / f"loose{i:02d}.jpg", np.zeros((6, 6), np.uint8))
+    (data / "notes.md").write_text("not an image: not reported")
+    files, _ = find_images(data, BadImages())
+    assert len(files) == 4
+    assert capsys.readouterr().err == (
+        f"warning: {data}: left out 40 image files beside the class folders (loose00.jpg ... "
+        "loose39.jpg); only <class>/<image> is read, so files next to class folders are not "
+        "data: move them into a class folder\n")
+    find_images(folder(tmp_path / "one", {"0": 1}), BadImages())  # no loose files: no warning
+    save(tmp_path / "one" / "x.png", np.zeros((6, 6), np.uint8))
+    find_images(tmp_path / "one", BadImages())
+    assert capsys.readouterr().err == (
+        f"warning: {tmp_path / 'one'}: left out 1 image file beside the class folders (x.png); "
+        "only <class>/<image> is read, so files next to class folders are not data: move them "
+        "into a class folder\n")
+
+
 def test_skip_mode_warns_per_file_counts_and_keeps_the_good_images(tmp_path, capsys):
     folder(tmp_path / "train", {"0": 2, "1": 1})
     folder(tmp_path / "test", {"0": 1})
