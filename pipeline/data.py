@@ -170,10 +170,14 @@ def load_image(path: Path, image_size: int, channels: int,
                allow_upscale: bool = False) -> np.ndarray:
     """One image as uint8 [C, image_size, image_size]: converted, resized, centre-cropped.
 
-    Raises DataError naming the file if it is not an image, cannot be decoded in full, has a
-    mode without a defined 8-bit meaning, or (unless `allow_upscale`) is smaller than
-    `image_size` on its shorter side.
+    Raises DataError naming the file if it is a folder (nested in a class folder) or not an
+    image, cannot be decoded in full, has a mode without a defined 8-bit meaning, or (unless
+    `allow_upscale`) is smaller than `image_size` on its shorter side.
     """
+    if path.is_dir():
+        raise DataError(f"{path}: a folder inside the class folder {path.parent}; only "
+                        "<class>/<image> is read, nothing nested deeper: move its images up into "
+                        "the class folder, or make it a class folder of its own")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise DataError(f"{path}: not an image file (expected one of the suffixes "
                         f"{', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -275,10 +279,17 @@ def build_datasets(p: PreprocessParams) -> tuple[ImageSet, ImageSet, list[Path]]
                         "preprocess.data_dir at your own ImageFolder tree")
     generator = torch.Generator().manual_seed(p.seed)
     bad = BadImages(p.on_bad_image)
-    train = load_folder(root / p.train_split, p.image_size, p.channels,
-                        allow_upscale=p.allow_upscale, bad=bad)
+    train_dir = split_folder(root, "preprocess.train_split", p.train_split, "training",
+                             'set preprocess.train_split to "" if preprocess.data_dir itself '
+                             "holds the class folders")
+    train = load_folder(train_dir, p.image_size, p.channels, allow_upscale=p.allow_upscale,
+                        bad=bad)
     if p.test_split:
-        held_out = load_folder(root / p.test_split, p.image_size, p.channels, list(train.classes),
+        test_dir = split_folder(root, "preprocess.test_split", p.test_split, "held-out",
+                                'set preprocess.test_split to "" (-S preprocess.test_split="") '
+                                f"to hold out preprocess.holdout_fraction = {p.holdout_fraction} "
+                                "of the training images instead")
+        held_out = load_folder(test_dir, p.image_size, p.channels, list(train.classes),
                                allow_upscale=p.allow_upscale, bad=bad)
     else:
         order = torch.randperm(len(train), generator=generator)
@@ -289,6 +300,19 @@ def build_datasets(p: PreprocessParams) -> tuple[ImageSet, ImageSet, list[Path]]
         train, held_out = train.subset(order[n_held:]), train.subset(order[:n_held])
     return (random_subset(train, p.max_train_images or len(train), generator),
             random_subset(held_out, p.max_reference_images, generator), bad.skipped)
+
+
+def split_folder(root: Path, key: str, split: str, what: str, otherwise: str) -> Path:
+    """root/split, checked. A missing folder is an error naming the key that names it and the
+    other way (`otherwise`); a linked one is refused, since `dvc add data` would skip it."""
+    folder = root / split
+    if split and folder.is_symlink():
+        problem, fix = link_problem(folder)
+        raise DataError(f"{problem}; {fix}")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {what} image folder not found ({key} = '{split}'); put the "
+                        f"{what} images in {folder}/<class>/<image>, or {otherwise}")
+    return folder
 
 
 def random_subset(images: ImageSet, size: int, generator: torch.Generator) -> ImageSet:

@@ -108,6 +108,34 @@ def test_missing_data_dir_says_how_to_get_data(tmp_path):
         build_datasets(PreprocessParams(data_dir=str(tmp_path / "none")))
 
 
+def test_missing_split_folders_name_their_key_and_what_else_to_set(tmp_path):
+    folder(tmp_path / "train", {"0": 2})
+    p = PreprocessParams(data_dir=str(tmp_path), image_size=6)
+    with pytest.raises(DataError) as err:
+        build_datasets(p)
+    assert str(err.value) == (
+        f"{tmp_path / 'test'}: held-out image folder not found (preprocess.test_split = 'test'); "
+        f"put the held-out images in {tmp_path / 'test'}/<class>/<image>, or set "
+        'preprocess.test_split to "" (-S preprocess.test_split="") to hold out '
+        "preprocess.holdout_fraction = 0.1 of the training images instead")
+    with pytest.raises(DataError) as err:
+        build_datasets(PreprocessParams(data_dir=str(tmp_path), train_split="all", image_size=6))
+    assert str(err.value) == (
+        f"{tmp_path / 'all'}: training image folder not found (preprocess.train_split = 'all'); "
+        f"put the training images in {tmp_path / 'all'}/<class>/<image>, or set "
+        'preprocess.train_split to "" if preprocess.data_dir itself holds the class folders')
+
+
+def test_linked_split_folder_is_refused(tmp_path):
+    folder(tmp_path / "elsewhere", {"0": 2})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    p = PreprocessParams(data_dir=str(tmp_path / "data"), test_split="", image_size=6)
+    with pytest.raises(DataError, match=at(tmp_path / "data" / "train") + ": a symbolic link to "
+                       + re.escape(f"{tmp_path / 'elsewhere'}; DVC does not version")):
+        build_datasets(p)
+
+
 # --- bad files: each is an error naming it, or with on_bad_image: skip a warning and a count ---
 
 def at(path: Path) -> str:
@@ -166,7 +194,8 @@ def test_linked_class_folder_is_refused_or_skipped_but_a_linked_file_is_read(tmp
     fix = f"replace the link with a copy: rm {data / '1'} && cp -r {elsewhere / '1'} {data / '1'}"
     with pytest.raises(DataError) as err:
         load_folder(data, 6, 1)
-    assert str(err.value) == f"{problem}; {fix} (or set preprocess.on_bad_image: skip to leave it out)"
+    assert str(err.value) == (f"{problem}; {fix} (or set preprocess.on_bad_image: skip to leave "
+                              "it out)")
     images = load_folder(data, 6, 1, bad=BadImages("skip"))
     assert images.classes == ("0",) and len(images) == 2  # 0.png and the linked file
     assert capsys.readouterr().err == f"warning: {problem}; not used as a class ({fix})\n"
@@ -190,6 +219,17 @@ def test_images_next_to_class_folders_are_reported_as_left_out(tmp_path, capsys)
         f"warning: {tmp_path / 'one'}: left out 1 image file beside the class folders (x.png); "
         "only <class>/<image> is read, so files next to class folders are not data: move them "
         "into a class folder\n")
+
+
+def test_folder_inside_a_class_folder_is_named_as_a_folder(tmp_path):
+    data = folder(tmp_path / "train", {"0": 1})
+    save(data / "0" / "more" / "1.png", np.zeros((6, 6), np.uint8))
+    with pytest.raises(DataError) as err:
+        load_folder(data, 6, 1)
+    assert str(err.value) == (
+        f"{data / '0' / 'more'}: a folder inside the class folder {data / '0'}; only "
+        "<class>/<image> is read, nothing nested deeper: move its images up into the class "
+        "folder, or make it a class folder of its own")
 
 
 def test_skip_mode_warns_per_file_counts_and_keeps_the_good_images(tmp_path, capsys):
