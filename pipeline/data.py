@@ -158,8 +158,9 @@ def warn_loose_images(folder: Path, entries: list[Path]) -> None:
              "data: move them into a class folder")
 
 
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """'1 class', '2 classes', '0 files': the count with the noun that reads right."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def visible(folder: Path) -> list[Path]:
@@ -313,6 +314,19 @@ def split_folder(root: Path, key: str, split: str, what: str, otherwise: str) ->
         raise DataError(f"{folder}: {what} image folder not found ({key} = '{split}'); put the "
                         f"{what} images in {folder}/<class>/<image>, or {otherwise}")
     return folder
+
+
+def summary(train: ImageSet, reference: ImageSet, p: PreprocessParams,
+            skipped: list[Path]) -> str:
+    """What the preprocess stage made, for its output; the skipped count only when there is one."""
+    size = f"{p.channels}x{p.image_size}x{p.image_size}"
+    lines = [f"preprocess: {plural(len(train), 'training image')} and "
+             f"{plural(len(reference), 'reference image')}, {size}, "
+             f"{plural(len(train.classes), 'class', 'classes')}"]
+    if skipped:
+        lines.append(f"preprocess: skipped {plural(len(skipped), 'bad file')} "
+                     "(preprocess.on_bad_image: skip)")
+    return "\n".join(lines)
 
 
 def random_subset(images: ImageSet, size: int, generator: torch.Generator) -> ImageSet:

@@ -370,9 +370,11 @@ def test_cmyk_converts_to_rgb(tmp_path):
 
 # --- the preprocess stage as a user runs it: one line on error, the count when skipping ---
 
-def run_preprocess(tmp_path: Path, on_bad_image: str) -> subprocess.CompletedProcess:
-    folder(tmp_path / "data" / "train", {"0": 2, "1": 2}, size=8)
-    (tmp_path / "data" / "train" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+def run_preprocess(tmp_path: Path, on_bad_image: str, counts: dict[str, int] | None = None,
+                   broken: bool = True) -> subprocess.CompletedProcess:
+    folder(tmp_path / "data" / "train", counts or {"0": 2, "1": 2}, size=8)
+    if broken:
+        (tmp_path / "data" / "train" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (tmp_path / "params.yaml").write_text(
         f"preprocess:\n  test_split: ''\n  image_size: 8\n  on_bad_image: {on_bad_image}\n"
         "model:\n  channel_mult: [1, 2]\n  attention_resolutions: [4]\n")  # fits 8 px
@@ -394,8 +396,17 @@ def test_preprocess_stage_skips_and_counts_a_broken_image(tmp_path):
     result = run_preprocess(tmp_path, "skip")
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith("warning: skipped data/train/1/broken.png: cannot read image")
-    assert "preprocess: skipped 1 bad files (preprocess.on_bad_image: skip)" in result.stdout
+    assert result.stdout.splitlines() == [
+        "preprocess: 3 training images and 1 reference image, 1x8x8, 2 classes",
+        "preprocess: skipped 1 bad file (preprocess.on_bad_image: skip)"]
     assert len(ImageSet.load(tmp_path / "outputs" / "preprocess" / "train.pt")) == 3  # 4 - 1 held
+
+
+def test_preprocess_stage_counts_read_right_for_one_and_zero(tmp_path):
+    result = run_preprocess(tmp_path, "skip", {"0": 11}, broken=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [  # no line for 0 skipped files
+        "preprocess: 10 training images and 1 reference image, 1x8x8, 1 class"]
 
 
 def test_image_set_save_load_roundtrip(tmp_path):
