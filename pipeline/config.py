@@ -7,7 +7,8 @@ key names its section and the closest valid names, a wrong type or out-of-range 
 dotted key, the value and what is allowed. Then combinations that each key allows alone but the
 pipeline cannot run (an image size the UNet cannot halve often enough, more sampling steps than
 timesteps, ...) raise one ParamsError naming every key involved, so every stage's `load_params`
-fails before any work starts. `check_data_size` adds the one check that needs the loaded data.
+fails before any work starts. `check_data_size` and `check_classes` add the checks that need the
+loaded data.
 `flatten(params)` gives the dotted keys (`train.lr`) that `dvc exp run -S` and the MLflow run's
 params use.
 """
@@ -448,6 +449,23 @@ def check_data_size(params: Params, num_train_images: int) -> None:
     raise ParamsError(f"train.batch_size = {batch_size} is larger than the training set, "
                       f"{num_train_images} images{capped}; use a train.batch_size of at most "
                       f"{num_train_images}, or more training images")
+
+
+def check_classes(params: Params, classes: tuple[str, ...]) -> None:
+    """Raise ParamsError unless model.num_classes is 0 (unconditional) or the data's class count.
+
+    Only known once the data is loaded, like check_data_size. Fewer would make a real label the
+    UNet's null label (index num_classes, the "no label" of classifier-free guidance) or out of
+    range; more would train embeddings for classes that do not exist.
+    """
+    num_classes = params.model.num_classes
+    if num_classes in (0, len(classes)):
+        return
+    found = f"{len(classes)} class" + ("" if len(classes) == 1 else "es")
+    raise ParamsError(f"model.num_classes = {num_classes} does not match the training images, "
+                      f"which have {found} (class folders); set model.num_classes to "
+                      f"{len(classes)} for a class-conditional model, or to 0 for an "
+                      "unconditional one")
 
 
 def flatten(params: Params) -> dict[str, Any]:

@@ -6,8 +6,9 @@ resized to `image_size` (bicubic; antialiased when shrinking) and centre-cropped
 The result is an `ImageSet`: uint8 images [N, C, H, W], int64 class labels [N] and class names,
 which is all that training and evaluation need and loads in a fraction of a second.
 A file that cannot be used (corrupt, truncated, not an image, smaller than `image_size` unless
-upscaling is allowed) and an empty class folder are errors that name them, or with
-`preprocess.on_bad_image: skip` warnings and a count of skipped files (`BadImages`).
+upscaling is allowed), an empty class folder and a class folder that is a symbolic link (DVC
+would not pin its images) are errors that name them, or with `preprocess.on_bad_image: skip`
+warnings and a count of skipped files (`BadImages`).
 The model works in [-1, 1] (DDPM, Ho et al. 2020, sec. 3.3: pixels scaled linearly to [-1, 1]).
 """
 
@@ -88,6 +89,26 @@ class BadImages:
                             "set preprocess.on_bad_image: skip)")
         warn(f"{folder}: {why}; not used as a class")
 
+    def linked_folder(self, folder: Path) -> None:
+        problem, fix = link_problem(folder)
+        if self.policy == "error":
+            raise DataError(f"{problem}; {fix} (or set preprocess.on_bad_image: skip to leave it "
+                            "out)")
+        warn(f"{problem}; not used as a class ({fix})")
+
+
+def link_problem(folder: Path) -> tuple[str, str]:
+    """Why a linked folder cannot be data, and how to mend it.
+
+    `dvc add` skips a symbolic link to a folder, so the images in it would be trained on but
+    not pinned by data.dvc, and a change to them would leave `dvc status` clean. (A linked
+    file is fine: DVC hashes what it points to and pins that.)
+    """
+    target = folder.resolve()
+    return (f"{folder}: a symbolic link to {target}; DVC does not version what a linked folder "
+            "holds (`dvc add` skips it), so data.dvc would not pin these images",
+            f"replace the link with a copy: rm {folder} && cp -r {target} {folder}")
+
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
@@ -99,14 +120,21 @@ def find_images(folder: Path, bad: BadImages) -> tuple[list[Path], list[str]]:
     Classes are the sub-folders; a folder without sub-folders is one class named after it.
     Every file in a class folder is returned, hidden dotfiles (.DS_Store) excepted, so that a
     file which is not an image becomes a bad file when loaded rather than silently ignored.
-    Files next to the class folders (README.md, train.csv) are not data. An empty class folder
-    goes to `bad`.
+    Files next to the class folders (README.md, train.csv) are not data; images among them are
+    reported as left out (`warn_loose_images`). An empty class folder and a class folder that
+    is a symbolic link (which DVC would not pin) go to `bad`.
     """
     if not folder.is_dir():
         raise DataError(f"{folder}: image folder not found")
-    class_dirs = sorted(d for d in visible(folder) if d.is_dir())
+    entries = visible(folder)
+    class_dirs = sorted(d for d in entries if d.is_dir())
+    if class_dirs:
+        warn_loose_images(folder, entries)
     files, names = [], []
     for class_dir in class_dirs or [folder]:
+        if class_dir.is_symlink():
+            bad.linked_folder(class_dir)
+            continue
         found = sorted(visible(class_dir))
         if class_dirs and not found:
             bad.empty_class(class_dir, "empty class folder")
@@ -118,6 +146,23 @@ def find_images(folder: Path, bad: BadImages) -> tuple[list[Path], list[str]]:
     return files, names
 
 
+def warn_loose_images(folder: Path, entries: list[Path]) -> None:
+    """Say which images next to the class folders are left out: a user who put them there most
+    likely meant them as data. Other files there (README.md, train.csv) are left out silently."""
+    loose = sorted(p.name for p in entries
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if loose:
+        names = loose[0] if len(loose) == 1 else f"{loose[0]} ... {loose[-1]}"
+        warn(f"{folder}: left out {plural(len(loose), 'image file')} beside the class folders "
+             f"({names}); only <class>/<image> is read, so files next to class folders are not "
+             "data: move them into a class folder")
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """'1 class', '2 classes', '0 files': the count with the noun that reads right."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
 def visible(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if not p.name.startswith(".")]
 
@@ -126,10 +171,14 @@ def load_image(path: Path, image_size: int, channels: int,
                allow_upscale: bool = False) -> np.ndarray:
     """One image as uint8 [C, image_size, image_size]: converted, resized, centre-cropped.
 
-    Raises DataError naming the file if it is not an image, cannot be decoded in full, has a
-    mode without a defined 8-bit meaning, or (unless `allow_upscale`) is smaller than
-    `image_size` on its shorter side.
+    Raises DataError naming the file if it is a folder (nested in a class folder) or not an
+    image, cannot be decoded in full, has a mode without a defined 8-bit meaning, or (unless
+    `allow_upscale`) is smaller than `image_size` on its shorter side.
     """
+    if path.is_dir():
+        raise DataError(f"{path}: a folder inside the class folder {path.parent}; only "
+                        "<class>/<image> is read, nothing nested deeper: move its images up into "
+                        "the class folder, or make it a class folder of its own")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise DataError(f"{path}: not an image file (expected one of the suffixes "
                         f"{', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -231,10 +280,17 @@ def build_datasets(p: PreprocessParams) -> tuple[ImageSet, ImageSet, list[Path]]
                         "preprocess.data_dir at your own ImageFolder tree")
     generator = torch.Generator().manual_seed(p.seed)
     bad = BadImages(p.on_bad_image)
-    train = load_folder(root / p.train_split, p.image_size, p.channels,
-                        allow_upscale=p.allow_upscale, bad=bad)
+    train_dir = split_folder(root, "preprocess.train_split", p.train_split, "training",
+                             'set preprocess.train_split to "" if preprocess.data_dir itself '
+                             "holds the class folders")
+    train = load_folder(train_dir, p.image_size, p.channels, allow_upscale=p.allow_upscale,
+                        bad=bad)
     if p.test_split:
-        held_out = load_folder(root / p.test_split, p.image_size, p.channels, list(train.classes),
+        test_dir = split_folder(root, "preprocess.test_split", p.test_split, "held-out",
+                                'set preprocess.test_split to "" (-S preprocess.test_split="") '
+                                f"to hold out preprocess.holdout_fraction = {p.holdout_fraction} "
+                                "of the training images instead")
+        held_out = load_folder(test_dir, p.image_size, p.channels, list(train.classes),
                                allow_upscale=p.allow_upscale, bad=bad)
     else:
         order = torch.randperm(len(train), generator=generator)
@@ -245,6 +301,32 @@ def build_datasets(p: PreprocessParams) -> tuple[ImageSet, ImageSet, list[Path]]
         train, held_out = train.subset(order[n_held:]), train.subset(order[:n_held])
     return (random_subset(train, p.max_train_images or len(train), generator),
             random_subset(held_out, p.max_reference_images, generator), bad.skipped)
+
+
+def split_folder(root: Path, key: str, split: str, what: str, otherwise: str) -> Path:
+    """root/split, checked. A missing folder is an error naming the key that names it and the
+    other way (`otherwise`); a linked one is refused, since `dvc add data` would skip it."""
+    folder = root / split
+    if split and folder.is_symlink():
+        problem, fix = link_problem(folder)
+        raise DataError(f"{problem}; {fix}")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {what} image folder not found ({key} = '{split}'); put the "
+                        f"{what} images in {folder}/<class>/<image>, or {otherwise}")
+    return folder
+
+
+def summary(train: ImageSet, reference: ImageSet, p: PreprocessParams,
+            skipped: list[Path]) -> str:
+    """What the preprocess stage made, for its output; the skipped count only when there is one."""
+    size = f"{p.channels}x{p.image_size}x{p.image_size}"
+    lines = [f"preprocess: {plural(len(train), 'training image')} and "
+             f"{plural(len(reference), 'reference image')}, {size}, "
+             f"{plural(len(train.classes), 'class', 'classes')}"]
+    if skipped:
+        lines.append(f"preprocess: skipped {plural(len(skipped), 'bad file')} "
+                     "(preprocess.on_bad_image: skip)")
+    return "\n".join(lines)
 
 
 def random_subset(images: ImageSet, size: int, generator: torch.Generator) -> ImageSet:

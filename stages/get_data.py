@@ -3,6 +3,7 @@
 Not a DVC stage: it runs once on a fresh clone, before `dvc repro`.
     uv run python -m stages.get_data              # MNIST, verified against data.dvc
     uv run python -m stages.get_data cifar10      # CIFAR-10 into data/, re-pinned by `dvc add`
+    uv run python -m stages.get_data mnist        # back to MNIST and data.dvc as shipped
 The offline mirror folder comes from $SIMPLE_DIFFUSION_MIRROR (see pipeline/fetch.py).
 """
 

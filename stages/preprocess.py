@@ -6,7 +6,7 @@ compares samples with. A bad image is a one-line error naming it, or, with
 """
 
 from pipeline.config import load_params
-from pipeline.data import build_datasets
+from pipeline.data import build_datasets, summary
 from stages import run
 from stages.paths import REFERENCE_SET, TRAIN_SET
 
@@ -16,11 +16,7 @@ def main() -> None:
     train, reference, skipped = build_datasets(params)
     train.save(TRAIN_SET)
     reference.save(REFERENCE_SET)
-    print(f"preprocess: {len(train)} training and {len(reference)} reference images, "
-          f"{params.channels}x{params.image_size}x{params.image_size}, "
-          f"{len(train.classes)} classes")
-    if params.on_bad_image == "skip":
-        print(f"preprocess: skipped {len(skipped)} bad files (preprocess.on_bad_image: skip)")
+    print(summary(train, reference, params, skipped))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 
 from pipeline import distributed
 from pipeline.checkpoint import Checkpoints
-from pipeline.config import Params, check_data_size, load_params
+from pipeline.config import Params, check_classes, check_data_size, load_params
 from pipeline.data import ImageSet
 from pipeline.io import save_json
 from pipeline.plots import save_loss_curve
@@ -46,6 +46,7 @@ def main() -> None:
 def train_and_record(params: Params, world: distributed.World) -> None:
     data = ImageSet.load(TRAIN_SET)
     check_data_size(params, len(data))
+    check_classes(params, data.classes)
     if world.is_main:
         tracker = connect(params.tracking)  # an unreachable store fails here, before any work
         checkpoints = Checkpoints(CHECKPOINTS, fingerprint(params, data, world.size))

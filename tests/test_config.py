@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import (Params, ParamsError, SampleParams, beta_problem, check_data_size,
-                             flatten, from_dict, load_params, to_dict, unet_problem,
+from pipeline.config import (Params, ParamsError, SampleParams, beta_problem, check_classes,
+                             check_data_size, flatten, from_dict, load_params, to_dict, unet_problem,
                              zero_terminal_snr_problem)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,6 +235,32 @@ def test_batch_larger_than_the_training_set(images, cap, expected):
 
 def test_batch_as_large_as_the_training_set_is_fine():
     assert check_data_size(Params(), 64) is None
+
+
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_num_classes_other_than_the_data_class_count_is_refused(num_classes):
+    # With 1 on two classes, label 1 would be the UNet's null label (index num_classes).
+    with pytest.raises(ParamsError) as err:
+        check_classes(from_dict({"model": {"num_classes": num_classes}}), ("cat", "dog"))
+    assert str(err.value) == (
+        f"model.num_classes = {num_classes} does not match the training images, which have 2 "
+        "classes (class folders); set model.num_classes to 2 for a class-conditional model, or "
+        "to 0 for an unconditional one")
+
+
+def test_train_stage_refuses_a_wrong_num_classes_before_training(tmp_path):
+    from stage_project import make_project, start  # imports MLflow: only for this test
+    project = make_project(tmp_path / "p", model={"num_classes": 1})  # its data has classes a, b
+    assert start(project).wait(timeout=120) != 0
+    log = (project / "log.txt").read_text()
+    assert "model.num_classes = 1 does not match the training images, which have 2 classes" in log
+    assert "Traceback" not in log and "MLflow run" not in log  # stopped before tracking started
+
+
+def test_num_classes_zero_or_the_class_count_is_fine():
+    assert check_classes(Params(), ("a", "b")) is None  # 0: unconditional
+    assert check_classes(from_dict({"model": {"num_classes": 1}}), ("all",)) is None
+    assert check_classes(from_dict({"model": {"num_classes": 2}}), ("a", "b")) is None
 
 
 def test_unet_and_scheduler_raise_the_config_rules_in_their_own_names():

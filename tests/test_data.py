@@ -108,6 +108,34 @@ def test_missing_data_dir_says_how_to_get_data(tmp_path):
         build_datasets(PreprocessParams(data_dir=str(tmp_path / "none")))
 
 
+def test_missing_split_folders_name_their_key_and_what_else_to_set(tmp_path):
+    folder(tmp_path / "train", {"0": 2})
+    p = PreprocessParams(data_dir=str(tmp_path), image_size=6)
+    with pytest.raises(DataError) as err:
+        build_datasets(p)
+    assert str(err.value) == (
+        f"{tmp_path / 'test'}: held-out image folder not found (preprocess.test_split = 'test'); "
+        f"put the held-out images in {tmp_path / 'test'}/<class>/<image>, or set "
+        'preprocess.test_split to "" (-S preprocess.test_split="") to hold out '
+        "preprocess.holdout_fraction = 0.1 of the training images instead")
+    with pytest.raises(DataError) as err:
+        build_datasets(PreprocessParams(data_dir=str(tmp_path), train_split="all", image_size=6))
+    assert str(err.value) == (
+        f"{tmp_path / 'all'}: training image folder not found (preprocess.train_split = 'all'); "
+        f"put the training images in {tmp_path / 'all'}/<class>/<image>, or set "
+        'preprocess.train_split to "" if preprocess.data_dir itself holds the class folders')
+
+
+def test_linked_split_folder_is_refused(tmp_path):
+    folder(tmp_path / "elsewhere", {"0": 2})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    p = PreprocessParams(data_dir=str(tmp_path / "data"), test_split="", image_size=6)
+    with pytest.raises(DataError, match=at(tmp_path / "data" / "train") + ": a symbolic link to "
+                       + re.escape(f"{tmp_path / 'elsewhere'}; DVC does not version")):
+        build_datasets(p)
+
+
 # --- bad files: each is an error naming it, or with on_bad_image: skip a warning and a count ---
 
 def at(path: Path) -> str:
@@ -152,6 +180,56 @@ def test_non_image_in_class_folder_is_bad_but_dotfiles_and_top_level_files_are_n
     labels = at(tmp_path / "train" / "1" / "labels.txt")
     with pytest.raises(DataError, match=labels + r": not an image file \(expected one of .*\.png"):
         build_datasets(p)
+
+
+def test_linked_class_folder_is_refused_or_skipped_but_a_linked_file_is_read(tmp_path, capsys):
+    # `dvc add` skips a link to a folder (its images would be trained on but not pinned by
+    # data.dvc), while it hashes what a linked file holds and pins that.
+    elsewhere = folder(tmp_path / "elsewhere", {"1": 2})
+    data = folder(tmp_path / "data", {"0": 1})
+    (data / "1").symlink_to(elsewhere / "1", target_is_directory=True)
+    (data / "0" / "linked.png").symlink_to(elsewhere / "1" / "0.png")
+    problem = (f"{data / '1'}: a symbolic link to {elsewhere / '1'}; DVC does not version what a "
+               "linked folder holds (`dvc add` skips it), so data.dvc would not pin these images")
+    fix = f"replace the link with a copy: rm {data / '1'} && cp -r {elsewhere / '1'} {data / '1'}"
+    with pytest.raises(DataError) as err:
+        load_folder(data, 6, 1)
+    assert str(err.value) == (f"{problem}; {fix} (or set preprocess.on_bad_image: skip to leave "
+                              "it out)")
+    images = load_folder(data, 6, 1, bad=BadImages("skip"))
+    assert images.classes == ("0",) and len(images) == 2  # 0.png and the linked file
+    assert capsys.readouterr().err == f"warning: {problem}; not used as a class ({fix})\n"
+
+
+def test_images_next_to_class_folders_are_reported_as_left_out(tmp_path, capsys):
+    data = folder(tmp_path / "train", {"0": 4})
+    for i in range(40):
+        save(data / f"loose{i:02d}.jpg", np.zeros((6, 6), np.uint8))
+    (data / "notes.md").write_text("not an image: not reported")
+    files, _ = find_images(data, BadImages())
+    assert len(files) == 4
+    assert capsys.readouterr().err == (
+        f"warning: {data}: left out 40 image files beside the class folders (loose00.jpg ... "
+        "loose39.jpg); only <class>/<image> is read, so files next to class folders are not "
+        "data: move them into a class folder\n")
+    find_images(folder(tmp_path / "one", {"0": 1}), BadImages())  # no loose files: no warning
+    save(tmp_path / "one" / "x.png", np.zeros((6, 6), np.uint8))
+    find_images(tmp_path / "one", BadImages())
+    assert capsys.readouterr().err == (
+        f"warning: {tmp_path / 'one'}: left out 1 image file beside the class folders (x.png); "
+        "only <class>/<image> is read, so files next to class folders are not data: move them "
+        "into a class folder\n")
+
+
+def test_folder_inside_a_class_folder_is_named_as_a_folder(tmp_path):
+    data = folder(tmp_path / "train", {"0": 1})
+    save(data / "0" / "more" / "1.png", np.zeros((6, 6), np.uint8))
+    with pytest.raises(DataError) as err:
+        load_folder(data, 6, 1)
+    assert str(err.value) == (
+        f"{data / '0' / 'more'}: a folder inside the class folder {data / '0'}; only "
+        "<class>/<image> is read, nothing nested deeper: move its images up into the class "
+        "folder, or make it a class folder of its own")
 
 
 def test_skip_mode_warns_per_file_counts_and_keeps_the_good_images(tmp_path, capsys):
@@ -292,9 +370,11 @@ def test_cmyk_converts_to_rgb(tmp_path):
 
 # --- the preprocess stage as a user runs it: one line on error, the count when skipping ---
 
-def run_preprocess(tmp_path: Path, on_bad_image: str) -> subprocess.CompletedProcess:
-    folder(tmp_path / "data" / "train", {"0": 2, "1": 2}, size=8)
-    (tmp_path / "data" / "train" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+def run_preprocess(tmp_path: Path, on_bad_image: str, counts: dict[str, int] | None = None,
+                   broken: bool = True) -> subprocess.CompletedProcess:
+    folder(tmp_path / "data" / "train", counts or {"0": 2, "1": 2}, size=8)
+    if broken:
+        (tmp_path / "data" / "train" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (tmp_path / "params.yaml").write_text(
         f"preprocess:\n  test_split: ''\n  image_size: 8\n  on_bad_image: {on_bad_image}\n"
         "model:\n  channel_mult: [1, 2]\n  attention_resolutions: [4]\n")  # fits 8 px
@@ -316,8 +396,17 @@ def test_preprocess_stage_skips_and_counts_a_broken_image(tmp_path):
     result = run_preprocess(tmp_path, "skip")
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith("warning: skipped data/train/1/broken.png: cannot read image")
-    assert "preprocess: skipped 1 bad files (preprocess.on_bad_image: skip)" in result.stdout
+    assert result.stdout.splitlines() == [
+        "preprocess: 3 training images and 1 reference image, 1x8x8, 2 classes",
+        "preprocess: skipped 1 bad file (preprocess.on_bad_image: skip)"]
     assert len(ImageSet.load(tmp_path / "outputs" / "preprocess" / "train.pt")) == 3  # 4 - 1 held
+
+
+def test_preprocess_stage_counts_read_right_for_one_and_zero(tmp_path):
+    result = run_preprocess(tmp_path, "skip", {"0": 11}, broken=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [  # no line for 0 skipped files
+        "preprocess: 10 training images and 1 reference image, 1x8x8, 1 class"]
 
 
 def test_image_set_save_load_roundtrip(tmp_path):

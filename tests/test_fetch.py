@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import fetch
 from pipeline.data import DataError
@@ -75,16 +76,21 @@ def dvc_status(repo: Path) -> str:
                           text=True, check=True).stdout
 
 
-def use_source(monkeypatch, archive: Path, url: str = "") -> None:
+def pin(repo: Path) -> str:
+    """The hash data.dvc pins."""
+    return yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+
+
+def use_source(monkeypatch, archive: Path, md5: str, url: str = "", name: str = "mnist") -> None:
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    monkeypatch.setitem(fetch.SOURCES, "mnist", Source(archive.name, digest, url, KEEP))
+    monkeypatch.setitem(fetch.SOURCES, name, Source(archive.name, digest, url, KEEP, md5))
 
 
 def test_mirror_fills_data_exactly_as_data_dvc_pins(tmp_path, monkeypatch):
     repo = tiny_repo(tmp_path, FILES)
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    use_source(monkeypatch, make_archive(mirror / "set.tar.gz", FILES))
+    use_source(monkeypatch, make_archive(mirror / "set.tar.gz", FILES), pin(repo))
     assert "verified" in get_data(repo_root=repo, mirror=str(mirror))
     assert tree(repo / "data") == FILES
     assert "up to date" in dvc_status(repo)  # data and cache match data.dvc
@@ -95,7 +101,7 @@ def test_download_path_over_real_http(tmp_path, monkeypatch, served):
     www, url = served
     repo = tiny_repo(tmp_path, FILES)
     archive = make_archive(www / "main.tar.gz", FILES, prefix="mnist-pngs-main/")
-    use_source(monkeypatch, archive, f"{url}/main.tar.gz")
+    use_source(monkeypatch, archive, pin(repo), f"{url}/main.tar.gz")
     get_data(repo_root=repo, mirror=None)
     assert tree(repo / "data") == FILES and "up to date" in dvc_status(repo)
 
@@ -105,7 +111,8 @@ def test_data_that_differs_from_data_dvc_is_refused_and_data_dvc_kept(tmp_path, 
     pinned = (repo / "data.dvc").read_text()
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    use_source(monkeypatch, make_archive(mirror / "set.tar.gz", {**FILES, "README.md": b"other"}))
+    use_source(monkeypatch, make_archive(mirror / "set.tar.gz", {**FILES, "README.md": b"other"}),
+               pin(repo))
     with pytest.raises(DataError, match="does not match data.dvc"):
         get_data(repo_root=repo, mirror=str(mirror))
     assert (repo / "data.dvc").read_text() == pinned
@@ -116,7 +123,7 @@ def test_mirror_checksum_is_verified(tmp_path, monkeypatch):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     archive = make_archive(mirror / "set.tar.gz", FILES)
-    monkeypatch.setitem(fetch.SOURCES, "mnist", Source(archive.name, "0" * 64, "", KEEP))
+    monkeypatch.setitem(fetch.SOURCES, "mnist", Source(archive.name, "0" * 64, "", KEEP, pin(repo)))
     with pytest.raises(DataError, match="sha256"):
         get_data(repo_root=repo, mirror=str(mirror))
     assert not (repo / "data").exists()
@@ -126,7 +133,7 @@ def test_neither_mirror_nor_internet_says_both_ways(tmp_path, monkeypatch, serve
     _, url = served
     repo = tiny_repo(tmp_path, FILES)
     monkeypatch.setitem(fetch.SOURCES, "mnist", Source("absent.tar.gz", "0" * 64,
-                                                        f"{url}/absent.tar.gz", KEEP))
+                                                        f"{url}/absent.tar.gz", KEEP, pin(repo)))
     with pytest.raises(DataError) as err:
         get_data(repo_root=repo, mirror=None)
     assert MIRROR_ENV in str(err.value) and "internet" in str(err.value)
@@ -138,7 +145,7 @@ def test_changed_workspace_data_is_not_replaced_without_force(tmp_path, monkeypa
     repo = tiny_repo(tmp_path, FILES)
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    use_source(monkeypatch, make_archive(mirror / "set.tar.gz", FILES))
+    use_source(monkeypatch, make_archive(mirror / "set.tar.gz", FILES), pin(repo))
     get_data(repo_root=repo, mirror=str(mirror))
     (repo / "data" / "README.md").write_bytes(b"my edit")
     with pytest.raises(DataError, match="--force"):
@@ -146,3 +153,62 @@ def test_changed_workspace_data_is_not_replaced_without_force(tmp_path, monkeypa
     assert (repo / "data" / "README.md").read_bytes() == b"my edit"
     get_data(repo_root=repo, mirror=str(mirror), force=True)
     assert tree(repo / "data") == FILES
+
+
+# --- get_data mnist after another set was pinned: MNIST back, data.dvc as shipped ---
+
+OTHER = {"train/cat/1.jpg": b"meow", "test/cat/2.jpg": b"purr", "README.md": b"another set"}
+
+
+def switched(tmp_path: Path, monkeypatch) -> tuple[Path, str, Path]:
+    """A repository with MNIST (here FILES) fetched, then switched to cifar10 (here OTHER)."""
+    repo = tiny_repo(tmp_path, FILES)
+    shipped = (repo / "data.dvc").read_text()
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    use_source(monkeypatch, make_archive(mirror / "set.tar.gz", FILES), pin(repo))
+    other = tiny_repo(tmp_path / "other", OTHER)  # only to learn the hash `dvc add` gives OTHER
+    use_source(monkeypatch, make_archive(mirror / "other.tar.gz", OTHER), pin(other),
+               name="cifar10")
+    get_data(repo_root=repo, mirror=str(mirror))
+    get_data("cifar10", repo_root=repo, mirror=str(mirror))
+    assert tree(repo / "data") == OTHER and (repo / "data.dvc").read_text() != shipped
+    return repo, shipped, mirror
+
+
+def test_mnist_after_another_set_brings_back_mnist_and_the_shipped_data_dvc(tmp_path,
+                                                                          monkeypatch):
+    repo, shipped, mirror = switched(tmp_path, monkeypatch)
+    message = get_data("mnist", repo_root=repo, mirror=str(mirror))
+    assert tree(repo / "data") == FILES
+    assert (repo / "data.dvc").read_text() == shipped  # byte for byte: git shows no change
+    assert "up to date" in dvc_status(repo)
+    assert message == (f"data/ holds mnist again, and data.dvc pins it as this repository ships "
+                       f"it (md5 {pin(repo)}; commit data.dvc if `git status` shows it changed). "
+                       "The data it replaced (cifar10) stays in the DVC cache: `python -m "
+                       "stages.get_data cifar10` brings it back")
+
+
+def test_switching_back_never_loses_changed_data_or_an_uncommitted_pin(tmp_path, monkeypatch):
+    repo, shipped, mirror = switched(tmp_path, monkeypatch)
+    (repo / "data" / "README.md").write_bytes(b"my edit")
+    with pytest.raises(DataError, match=r"data/ differs from data.dvc .*, which pins cifar10, "
+                       r"not mnist; keep the changes with `dvc add data`"):
+        get_data("mnist", repo_root=repo, mirror=str(mirror))
+    assert (repo / "data" / "README.md").read_bytes() == b"my edit"
+    subprocess.run(["dvc", "add", "-q", "data"], cwd=repo, check=True)  # now your own data set
+    with pytest.raises(DataError, match=r"data.dvc pins data that is not one of the mirrored sets "
+                       rf"\(md5 {pin(repo)}\) and is not committed in git"):
+        get_data("mnist", repo_root=repo, mirror=str(mirror))
+    assert (repo / "data" / "README.md").read_bytes() == b"my edit"
+    own = pin(repo)
+    subprocess.run(["git", "add", "data.dvc", ".gitignore"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "own"],
+                   cwd=repo, check=True)
+    message = get_data("mnist", repo_root=repo, mirror=str(mirror))  # git keeps the pin: safe
+    assert tree(repo / "data") == FILES and (repo / "data.dvc").read_text() == shipped
+    assert message.endswith(f"The data it replaced (md5 {own}) stays in the DVC cache: "
+                            "`git checkout data.dvc && dvc checkout data.dvc` brings it back")
+    subprocess.run(["git", "checkout", "-q", "data.dvc"], cwd=repo, check=True)
+    subprocess.run(["dvc", "checkout", "-q", "data.dvc"], cwd=repo, check=True)
+    assert (repo / "data" / "README.md").read_bytes() == b"my edit"  # it did come back
