@@ -1,23 +1,27 @@
-"""Training checkpoints that survive kills, full disks and corrupt files.
+"""Training checkpoints that survive kills, full disks, corrupt files and `dvc exp run`.
 
-A run's checkpoints live in one folder (outputs/train/checkpoints), as files named by step and
-run, `step-00000500-<identity>.pt`. Each is written atomically (pipeline/io.py), records the
-identity of its run (a hash of the params that shape the model and its training, and of the
-training images) in its name and its contents, and is loaded with
-`weights_only=True`, so a crafted file cannot run code. The newest `KEEP` checkpoints are kept:
-if the newest cannot be read anyway (a disk that lied about fsync, a copy cut short), `load`
-says so and falls back to the one before it. Checkpoints of another identity are never loaded,
-and are removed once the new run has written its first checkpoint (DVC keeps outputs of past
-experiments in its cache).
+Every run has its own folder, `<root>/<identity>/`, named by the identity of its run (a hash of
+the params that shape the model and its training, and of the training images). The train stage's
+root is `checkpoints/` in the main repository (pipeline.io.project_root), outside every DVC
+output: `dvc exp run` puts the outputs of the baseline back before it runs, and its --temp and
+queued runs work in temporary copies, so checkpoints that DVC managed were lost or never seen.
+Here each kind of run finds the checkpoints of the same params and data, and resumes.
 
-`run.json` beside them names the tracking run of the current identity as soon as that run
-exists, so that a run killed before its first checkpoint is also continued, not duplicated.
+In the folder, checkpoints are files named by step and run, `step-00000500-<identity>.pt`. Each
+is written atomically (pipeline/io.py), records its identity in its name and its contents, and is
+loaded with `weights_only=True`, so a crafted file cannot run code. The newest `KEEP` are kept: if
+the newest cannot be read anyway (a disk that lied about fsync, a copy cut short), `load` says so
+and falls back to the one before it. `run.json` beside them names the tracking run as soon as
+that run exists, so that a run killed before its first checkpoint is also continued, not
+duplicated. When a run completes, `complete` marks its folder and removes the folders of other
+completed runs; those of interrupted runs stay until they are resumed and complete.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +31,16 @@ from pipeline.io import CorruptFileError, load_torch, save_json, save_torch
 
 KEEP = 2
 NAME = re.compile(r"step-(\d+)-([0-9a-f]+)\.pt")
-ID_LENGTH = 16  # hex digits of the identity in a file name
+ID_LENGTH = 16  # hex digits of the identity in a folder or file name
+COMPLETE = "COMPLETE"  # marks the folder of a run that finished
 
 
 class Checkpoints:
-    """The checkpoint folder of one run: `identity` says which run a checkpoint must belong to."""
+    """The checkpoint folder of one run under `root`: `identity` says which run it is."""
 
-    def __init__(self, folder: Path, identity: str) -> None:
-        self.folder, self.identity = Path(folder), identity
+    def __init__(self, root: Path, identity: str) -> None:
+        self.root, self.identity = Path(root), identity
+        self.folder = self.root / identity[:ID_LENGTH]
 
     def paths(self) -> list[Path]:
         """The checkpoint files of any run, newest (highest step) first."""
@@ -63,10 +69,8 @@ class Checkpoints:
 
     def load(self) -> dict[str, Any] | None:
         """The newest readable checkpoint of this run, or None (saying why) to start fresh."""
+        (self.folder / COMPLETE).unlink(missing_ok=True)  # running again: not to be removed
         ours = [p for p in self.paths() if self.ours(p)]
-        if len(ours) < len(self.paths()):
-            print(f"{self.folder}: holds checkpoints written for other params or data; they are "
-                  "not resumed, and are removed once this run writes its first checkpoint")
         for path in ours:
             try:
                 checkpoint = load_torch(path)
@@ -93,6 +97,13 @@ class Checkpoints:
 
     def set_run_id(self, run_id: str | None) -> None:
         save_json({"identity": self.identity, "run_id": run_id}, self.folder / "run.json")
+
+    def complete(self) -> None:
+        """Mark this run finished, and remove the folders of other finished runs."""
+        save_json({"identity": self.identity}, self.folder / COMPLETE)
+        for folder in self.root.iterdir():
+            if folder != self.folder and (folder / COMPLETE).is_file():
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def random_states(generator: torch.Generator) -> dict[str, Any]:

@@ -29,6 +29,13 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def project_root() -> Path:
+    """The main repository's root: DVC_ROOT under DVC (which points at the main repository also
+    in the temporary copies of `dvc exp run --temp` and queued experiments), else the current
+    folder. What every kind of run shares lives here: the MLflow store and the checkpoints."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
 class UnsafeFileError(ValueError):
     """A tensor file holds pickled objects other than tensors and plain containers."""
 

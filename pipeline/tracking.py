@@ -60,6 +60,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import sqlite_store
 from pipeline.config import Params, TrackingParams, flatten
+from pipeline.io import project_root
 from pipeline.logger import Logger
 from pipeline.model_file import load_ema_model
 from pipeline.model_request import example_request
@@ -82,11 +83,6 @@ class TrackingUnavailable(ValueError):
 def redact(text: str) -> str:
     """`text` with the user info and query-string values of every URI in it masked."""
     return _QUERY_VALUE.sub(r"\1***", _USERINFO.sub("***@", text))
-
-
-def project_root() -> Path:
-    """The main repository's root: DVC_ROOT under DVC (also in experiment temp copies), else cwd."""
-    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
 
 
 def tracking_uri(p: TrackingParams) -> str:

@@ -10,8 +10,8 @@ steps first estimate x0 without gradient and feed it back (Chen et al. 2022, Alg
 
 Nothing is lost when a run is interrupted. Every `train.checkpoint_every` steps a checkpoint
 (model, EMA, optimiser, step, every random state, the half-filled logging window and the history)
-is written atomically into out_dir/checkpoints/; the newest two are kept, and a run started again
-with the same params and data resumes from the newest readable one. Since the data order, the
+is written atomically into the run's own folder (pipeline/checkpoint.py); the newest two are
+kept, and a run started again with the same params and data resumes from the newest readable one. Since the data order, the
 noise and dropout all come from the saved random states, the resumed run is bit for bit the run
 that was not interrupted (on the CPU). SIGINT and SIGTERM stop the loop after the current step
 with a checkpoint (`Interrupted`); a non-finite loss stops it before anything is saved
@@ -121,10 +121,13 @@ def class_labels(model: UNet, n: int, classes: int, generator: torch.Generator,
 
 
 def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
-          run_id: str | None = None, world: World | None = None) -> TrainState:
-    """Train on `data`, writing out_dir/checkpoints/ and out_dir/ema.pt; return the final state.
+          run_id: str | None = None, world: World | None = None,
+          checkpoints: Checkpoints | None = None) -> TrainState:
+    """Train on `data`, writing out_dir/ema.pt; return the final state.
 
-    Resumes from the newest checkpoint of the same params and data, if there is one. `run_id`
+    Checkpoints go to `checkpoints` (default: this run's folder under out_dir/checkpoints; see
+    pipeline/checkpoint.py), and training resumes from the newest checkpoint of the same params
+    and data, if there is one. `run_id`
     names the tracking run that `logger` writes to; it is saved with the model so the sample and
     evaluate stages can add to the same run. Raises Interrupted after SIGINT/SIGTERM (with a
     checkpoint of the last finished step) and NonFiniteLoss when the loss diverges. `world` is
@@ -144,7 +147,8 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
     ema = EMA(model, decay=p.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     generator = torch.Generator(device).manual_seed(p.seed)
-    checkpoints = Checkpoints(out_dir / "checkpoints", fingerprint(params, data, world.size))
+    checkpoints = checkpoints or Checkpoints(out_dir / "checkpoints",
+                                             fingerprint(params, data, world.size))
     state = resume(checkpoints, model, ema, optimizer, generator, world.rank)
     logger = NewStepsOnly(logger)
     bf16 = use_bf16(p.precision, device)

@@ -6,6 +6,8 @@ that the two agree.
 
 from pathlib import Path
 
+from pipeline.io import project_root
+
 # preprocess
 TRAIN_SET = Path("outputs/preprocess/train.pt")
 REFERENCE_SET = Path("outputs/preprocess/reference.pt")  # the held-out images evaluate uses
@@ -14,10 +16,9 @@ REFERENCE_SET = Path("outputs/preprocess/reference.pt")  # the held-out images e
 CLASSIFIER = Path("outputs/classifier/model.pt")
 CLASSIFIER_METRICS = Path("outputs/classifier/metrics.json")
 
-# train: pipeline.training.train writes ema.pt and checkpoints/ into the folder it is given
+# train: pipeline.training.train writes ema.pt into the folder it is given
 TRAIN_DIR = Path("outputs/train")
 EMA_MODEL = TRAIN_DIR / "ema.pt"
-CHECKPOINTS = TRAIN_DIR / "checkpoints"
 TRAIN_METRICS = TRAIN_DIR / "metrics.json"
 HISTORY = TRAIN_DIR / "history.csv"
 LOSS_CURVE = TRAIN_DIR / "loss.png"
@@ -27,6 +28,11 @@ SAMPLES = Path("samples")  # one PNG per sample
 SAMPLE_GRID = Path("outputs/sample/grid.png")
 PROGRESSION = Path("outputs/sample/progression.png")
 SAMPLE_LABELS = Path("outputs/sample/labels.json")
+
+# Not a DVC output: the checkpoints of every run, one folder each (pipeline/checkpoint.py), in
+# the main repository, where `dvc exp run` (workspace, --temp, queued) neither removes nor hides
+# them, so that each of them resumes an interrupted run as `dvc repro` does.
+CHECKPOINTS = project_root() / "checkpoints"
 
 # evaluate
 EVALUATE_METRICS = Path("outputs/evaluate/metrics.json")

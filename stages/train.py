@@ -1,9 +1,10 @@
 """DVC stage `train`: train the diffusion model, logging to MLflow; write the EMA weights.
 
-Outputs: outputs/train/ema.pt (EMA weights + what rebuilds the model), checkpoints/ (persist: an
-interrupted run resumes from it, in the same MLflow run), metrics.json and history.csv (DVC
-metrics and plots). SIGINT/SIGTERM write a checkpoint, mark the MLflow run KILLED and exit with
-128 + the signal number; a diverged loss marks it FAILED.
+Outputs: outputs/train/ema.pt (EMA weights + what rebuilds the model), metrics.json and
+history.csv (DVC metrics and plots). Checkpoints go to checkpoints/<run> in the main repository,
+outside DVC's outputs (stages/paths.py): an interrupted run, also under `dvc exp run`, resumes
+from them in the same MLflow run. SIGINT/SIGTERM write a checkpoint, mark the MLflow run KILLED
+and exit with 128 + the signal number; a diverged loss marks it FAILED.
 
 With `train.num_processes` > 1 the stage starts itself again under torchrun, as that many
 data-parallel ranks on this machine; started by torchrun (also across machines) it joins the
@@ -47,9 +48,9 @@ def train_and_record(params: Params, world: distributed.World) -> None:
     data = ImageSet.load(TRAIN_SET)
     check_data_size(params, len(data))
     check_classes(params, data.classes)
+    checkpoints = Checkpoints(CHECKPOINTS, fingerprint(params, data, world.size))
     if world.is_main:
         tracker = connect(params.tracking)  # an unreachable store fails here, before any work
-        checkpoints = Checkpoints(CHECKPOINTS, fingerprint(params, data, world.size))
         mlflow_run = tracker.training_run(params, checkpoints.run_id())
         checkpoints.set_run_id(mlflow_run.id)  # a kill before the first checkpoint keeps it too
         print(f"train: MLflow run {mlflow_run.id} in {tracker.uri}")
@@ -57,7 +58,8 @@ def train_and_record(params: Params, world: distributed.World) -> None:
         mlflow_run = Run()  # records nothing: only rank 0 logs
     try:
         logger = TrainProgress(mlflow_run, params.train) if world.is_main else mlflow_run
-        state = train(params, data, TRAIN_DIR, logger, run_id=mlflow_run.id, world=world)
+        state = train(params, data, TRAIN_DIR, logger, run_id=mlflow_run.id, world=world,
+                      checkpoints=checkpoints)
     except Interrupted as stop:
         mlflow_run.finish("KILLED")
         print(f"train: {stop}", file=sys.stderr)
@@ -70,6 +72,7 @@ def train_and_record(params: Params, world: distributed.World) -> None:
         raise
     if world.is_main:
         record(params, state, mlflow_run)
+        checkpoints.complete()
 
 
 def record(params: Params, state: TrainState, mlflow_run: Run) -> None:

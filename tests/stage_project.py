@@ -79,7 +79,7 @@ def result(project: Path) -> dict:
     """Final weights, EMA weights and the logged loss curve of the project's one MLflow run."""
     client, runs = training_runs(project)
     assert len(runs) == 1, "a resumed training must continue its MLflow run, not start another"
-    newest = max((project / "outputs/train/checkpoints").glob("*.pt"))
+    newest = max((project / "checkpoints").glob("*/*.pt"))
     history = client.get_metric_history(runs[0].info.run_id, "loss")
     return {"model": torch.load(newest, weights_only=True)["model"],
             "ema": torch.load(project / "outputs/train/ema.pt", weights_only=True)["weights"],

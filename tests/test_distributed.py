@@ -46,7 +46,7 @@ def test_two_gloo_processes_follow_the_one_process_loss_curve(tmp_path):
         curves.append(torch.tensor([m.value for m in sorted(history, key=lambda m: m.step)]))
     assert torch.allclose(curves[0], curves[1], rtol=1e-4, atol=0), curves
     assert not torch.equal(curves[0], curves[0].roll(1))  # a real curve, not a constant
-    checkpoints = sorted(p.name for p in (double / "outputs/train/checkpoints").glob("*.pt"))
-    assert [n.split("-")[1] for n in checkpoints] == ["00000020", "00000040"]
-    saved = torch.load(double / "outputs/train/checkpoints" / checkpoints[-1], weights_only=True)
+    checkpoints = sorted((double / "checkpoints").glob("*/*.pt"))
+    assert [p.name.split("-")[1] for p in checkpoints] == ["00000020", "00000040"]
+    saved = torch.load(checkpoints[-1], weights_only=True)
     assert len(saved["random"]) == 2  # each rank's random state, for an exact resume

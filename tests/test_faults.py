@@ -43,7 +43,7 @@ def reference(tmp_path_factory) -> dict:
 
 def newest_checkpoint_step(project: Path) -> int:
     steps = [int(p.name.split("-")[1])
-             for p in (project / "outputs/train/checkpoints").glob("step-*.pt")]
+             for p in (project / "checkpoints").glob("*/step-*.pt")]
     return max(steps, default=0)
 
 
@@ -69,7 +69,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_p
         finish(project)
     log = (project / "log.txt").read_text()
     assert kills >= 3 and log.count("resuming at step") >= 2, log
-    assert not list((project / "outputs/train/checkpoints").glob(".*.tmp"))  # torn ones removed
+    assert not list((project / "checkpoints").glob("*/.*.tmp"))  # torn ones removed
     assert_same_run(result(project), reference)
 
 
@@ -77,8 +77,8 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_p
 def test_sigint_and_sigterm_save_a_checkpoint_and_mark_the_run_killed(tmp_path, reference, signum):
     project = make_project(tmp_path / "stopped")
     process = start(project)
-    checkpoints = project / "outputs/train/checkpoints"
-    wait_for(lambda: any(checkpoints.glob("step-*.pt")) or process.poll() is not None)
+    checkpoints = project / "checkpoints"
+    wait_for(lambda: any(checkpoints.glob("*/step-*.pt")) or process.poll() is not None)
     process.send_signal(signum)
     assert process.wait(timeout=120) == 128 + signum
     log = (project / "log.txt").read_text()
@@ -86,7 +86,7 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_mark_the_run_killed(tmp_path, 
     assert f"train: {name} at step" in log and "Traceback" not in log, log
     stopped_at = int(log.split(f"train: {name} at step ")[1].split(":")[0])
     assert 20 <= stopped_at < 120
-    assert any(checkpoints.glob(f"step-{stopped_at:08d}-*.pt"))  # the step it stopped at
+    assert any(checkpoints.glob(f"*/step-{stopped_at:08d}-*.pt"))  # the step it stopped at
     _, (run,) = training_runs(project)
     assert run.info.status == "KILLED"
     assert f"resuming at step {stopped_at}" in finish(project)
@@ -140,10 +140,9 @@ def stage_processes(project) -> list[int]:
     return pids
 
 
-def test_dvc_repro_after_a_sigkill_resumes_the_same_mlflow_run(tmp_path):
-    """The user's view: the train stage is killed under `dvc repro`; `dvc repro` again resumes
-    from the checkpoint, in the same MLflow run, and every step is logged once."""
-    project = tmp_path / "repo"
+def git_project(project: Path) -> tuple[Path, dict[str, str]]:
+    """A git repository of this project's files with tiny params and a tiny ImageFolder, and
+    the environment to run DVC in it (without the test's DVC_ROOT or tracking URI)."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
     for name in files:
@@ -162,14 +161,22 @@ def test_dvc_repro_after_a_sigkill_resumes_the_same_mlflow_run(tmp_path):
     params["preprocess"].update(train_split="", test_split="", max_reference_images=8)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+    # data.dvc pins the images, so that `dvc exp run --temp` checks them out in its copy.
+    for command in (["git", "init", "-q"], ["dvc", "add", "-q", "data"], ["git", "add", "-A"],
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "t"]):
         subprocess.run(command, cwd=project, env=env, check=True)
+    return project, env
+
+
+def test_dvc_repro_after_a_sigkill_resumes_the_same_mlflow_run(tmp_path):
+    """The user's view: the train stage is killed under `dvc repro`; `dvc repro` again resumes
+    from the checkpoint, in the same MLflow run, and every step is logged once."""
+    project, env = git_project(tmp_path / "repo")
     with open(tmp_path / "repro.txt", "w") as log:
         repro = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=env, stdout=log,
                                  stderr=subprocess.STDOUT)
-    checkpoints = project / "outputs/train/checkpoints"
-    wait_for(lambda: any(checkpoints.glob("step-*.pt")) or repro.poll() is not None, timeout=300)
+    checkpoints = project / "checkpoints"
+    wait_for(lambda: any(checkpoints.glob("*/step-*.pt")) or repro.poll() is not None, timeout=300)
     for pid in stage_processes(project):
         os.kill(pid, signal.SIGKILL)
     assert repro.wait(timeout=120) != 0, (tmp_path / "repro.txt").read_text()
@@ -181,3 +188,56 @@ def test_dvc_repro_after_a_sigkill_resumes_the_same_mlflow_run(tmp_path):
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == list(range(4, 121, 4))
+
+
+EXPERIMENT = ["-S", "train.steps=60", "-S", "train.seed=3"]  # an experiment on the baseline
+
+
+def exp_run(project: Path, env: dict[str, str], *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", "exp", "run", "train", *EXPERIMENT, *options], cwd=project,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def loss_curve(project: Path) -> list[tuple[int, float]]:
+    client, (run,) = training_runs(project)  # one run: a resumed one continues, not a second
+    assert run.info.status == "FINISHED"
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_experiment(tmp_path_factory):
+    project, env = git_project(tmp_path_factory.mktemp("experiment") / "repo")
+    done = exp_run(project, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return loss_curve(project), torch.load(project / "outputs/train/ema.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("temp", [False, True], ids=["workspace", "temp"])
+def test_dvc_exp_run_again_after_ctrl_c_resumes_the_same_run(tmp_path, uninterrupted_experiment,
+                                                             temp):
+    """The user's view: Ctrl-C (SIGINT to the whole foreground process group) during the train
+    stage of `dvc exp run`, then the same `dvc exp run` again: it resumes from the checkpoint,
+    in the same MLflow run, and ends bit for bit where the uninterrupted experiment ends. DVC
+    puts the baseline's outputs back before an experiment and runs --temp in a copy, so this
+    holds only because the checkpoints are not a DVC output."""
+    project, env = git_project(tmp_path / "repo")
+    options = ["--temp"] if temp else []
+    with open(tmp_path / "first.txt", "w") as log:
+        first = subprocess.Popen(["dvc", "exp", "run", "train", *EXPERIMENT, *options],
+                                 cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    wait_for(lambda: any((project / "checkpoints").glob("*/step-*.pt")) or first.poll() is not None,
+             timeout=300)
+    os.killpg(first.pid, signal.SIGINT)
+    assert first.wait(timeout=120) != 0
+    log = (tmp_path / "first.txt").read_text()
+    assert "train: SIGINT at step" in log, log
+    stopped_at = int(log.split("train: SIGINT at step ")[1].split(":")[0])
+    again = exp_run(project, env, *options)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resuming at step {stopped_at}" in again.stdout + again.stderr
+    curve, ema = uninterrupted_experiment
+    assert loss_curve(project) == curve  # every step once, with the uninterrupted values
+    if not temp:  # a --temp experiment's outputs stay in its DVC experiment, not the workspace
+        resumed = torch.load(project / "outputs/train/ema.pt", weights_only=True)
+        assert all(torch.equal(resumed["weights"][k], v) for k, v in ema["weights"].items())

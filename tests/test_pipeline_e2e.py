@@ -105,7 +105,7 @@ def test_repro_runs_every_stage_and_writes_finite_metrics(project, first_repro):
     for out in ["outputs/train/ema.pt", "outputs/sample/grid.png",
                 "outputs/sample/progression.png", "outputs/classifier/model.pt"]:
         assert (project / out).is_file(), out
-    checkpoints = sorted((project / "outputs/train/checkpoints").glob("step-*.pt"))
+    checkpoints = sorted((project / "checkpoints").glob("*/step-*.pt"))
     assert [p.name.split("-")[1] for p in checkpoints] == ["00000010", "00000020"]
     evaluation = json.loads((project / "outputs/evaluate/metrics.json").read_text())
     for key in ["classifier_fd", "classifier_kid", "floor_classifier_fd", "class_coverage",

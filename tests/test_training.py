@@ -105,8 +105,9 @@ def test_checkpoint_of_other_params_or_data_is_not_resumed(tmp_path, capsys, cha
     data = tiny_data(17) if change == "data" else tiny_data()
     logger = Recorder()
     state = train(params, data, tmp_path, logger)
-    assert "written for other params or data" in capsys.readouterr().out
+    assert "resuming" not in capsys.readouterr().out
     assert [s for s, _ in logger.metrics] == [2, 4, 6]  # started again from step 0
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 2  # the other run's folder is kept
     assert state.step == 6
 
 
@@ -188,10 +189,12 @@ def test_resume_mid_interval_logs_the_same_loss_curve(tmp_path, stop_at):
 
 def test_only_the_newest_two_checkpoints_of_a_run_are_kept(tmp_path):
     train(tiny_params(), tiny_data(), tmp_path, Recorder())
-    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*/*.pt"))
     assert [n.split("-")[1] for n in names] == ["00000004", "00000006"]
-    train(tiny_params(lr=0.001), tiny_data(), tmp_path, Recorder())  # another run: its own files
-    newer = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
+    train(tiny_params(lr=0.001), tiny_data(), tmp_path, Recorder())  # another run: its own folder
+    folders = sorted((tmp_path / "checkpoints").iterdir(), key=lambda f: f.stat().st_mtime)
+    newer = sorted(p.name for p in folders[1].glob("*.pt"))
+    assert len(folders) == 2 and sorted(p.name for p in folders[0].glob("*.pt")) == names
     assert len(newer) == 2 and not set(newer) & set(names)
 
 
@@ -200,7 +203,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, cap
     train(params, data, tmp_path / "clean", Recorder())
     with pytest.raises(KeyboardInterrupt):  # checkpoints at 2 and 4, stopped while logging 6
         train(params, data, tmp_path / "run", Recorder(stop_at=6))
-    newest = max((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    newest = max((tmp_path / "run" / "checkpoints").glob("*/*.pt"))
     newest.write_bytes(newest.read_bytes()[:1000])  # cut short, as by a lying disk
     logger = Recorder()
     train(params, data, tmp_path / "run", logger)
@@ -225,7 +228,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     params, data = tiny_params(), tiny_data()
     train(params, data, tmp_path, Recorder())
     marker = tmp_path / "pwned"
-    newest = max((tmp_path / "checkpoints").glob("*.pt"))
+    newest = max((tmp_path / "checkpoints").glob("*/*.pt"))
     torch.save({"identity": "x", "state": RunsCode(marker)}, newest)
     with pytest.raises(UnsafeFileError, match=r"refused to load.*could run arbitrary code"):
         train(params, data, tmp_path, Recorder())
@@ -249,7 +252,7 @@ def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(t
     with pytest.raises(NonFiniteLoss, match=r"diverged at step 5: loss nan.*train\.lr = 0\.002"
                        r".*train\.grad_clip.*step-00000004-\w+\.pt, is kept"):
         train(params, data, tmp_path, logger)
-    assert [p.name.split("-")[1] for p in sorted((tmp_path / "checkpoints").glob("*.pt"))] == \
+    assert [p.name.split("-")[1] for p in sorted((tmp_path / "checkpoints").glob("*/*.pt"))] == \
         ["00000002", "00000004"]
     assert [s for s, _ in logger.metrics] == [2, 4] and not (tmp_path / "ema.pt").exists()
     monkeypatch.setattr(training, "train_step", real_step)  # fixed: the run resumes from step 4
@@ -306,3 +309,20 @@ def test_compiled_training_follows_the_eager_run_and_saves_a_plain_model(tmp_pat
     assert a.keys() == b.keys()  # no "_orig_mod." prefixes from the compiled wrapper
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     load_ema_model(tmp_path / "compiled" / "ema.pt", torch.device("cpu"))
+
+
+def test_a_finished_run_removes_the_folders_of_other_finished_runs_only(tmp_path):
+    from pipeline.checkpoint import Checkpoints
+
+    def run(identity, step=2):
+        checkpoints = Checkpoints(tmp_path, identity * 16)
+        checkpoints.save({"state": {"step": step}}, step)
+        return checkpoints
+
+    finished, interrupted, resumed = run("a"), run("b"), run("c")
+    finished.complete()
+    resumed.complete()  # finished once ...
+    assert resumed.load()["state"]["step"] == 2  # ... and started again: running, not finished
+    run("d").complete()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b" * 16, "c" * 16, "d" * 16]
+    assert interrupted.newest() == tmp_path / ("b" * 16) / f"step-00000002-{'b' * 16}.pt"
