@@ -66,6 +66,7 @@ from pipeline.model_file import load_ema_model
 from pipeline.model_request import example_request
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: nests a run under another in the UI
+DETAIL_PREFIXES = ("class_share/",)  # evaluation metrics kept on the nested run alone
 PROGRESS_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its download bars
 REACH_TIMEOUT_S = 5  # an MLflow server that has not answered by then counts as unreachable
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # the pyfunc model, "models from code"
@@ -183,16 +184,21 @@ class Tracker:
                           metrics: dict[str, float], images: list[Path], tags: dict[str, str]
                           ) -> Run:
         """A nested run with the evaluation's settings, metrics and images; the training run gets
-        the same metrics and images as its latest evaluation."""
+        the same images and metrics as its latest evaluation, but for the per-class ones
+        (`DETAIL_PREFIXES`): a one-point chart per class would push the loss curve out of view
+        on its page."""
         evaluation = self.evaluation_run(training_run_id, settings)
-        for run in filter(None, [evaluation, self.run(training_run_id)]):
-            run.log_metrics(metrics, step)
+        evaluation.log_metrics(metrics, step)
+        summary = {k: v for k, v in metrics.items() if not k.startswith(DETAIL_PREFIXES)}
+        training = self.run(training_run_id)
+        if training:
+            training.log_metrics(summary, step)
+        for run in filter(None, [evaluation, training]):
             for image in images:
                 run.log_artifact(image, "samples")
             run.set_tags(tags)
         evaluation.finish()
         return evaluation
-
 
 
 class MlflowTracker(Tracker):

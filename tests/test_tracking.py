@@ -83,15 +83,17 @@ def test_evaluation_is_nested_and_the_training_run_gets_its_latest_metrics(track
     (tmp_path / "grid.png").write_bytes(b"png")
     for num_steps, fd in [(50, 3.5), (100, 2.5)]:
         evaluation = tracker.record_evaluation(parent.id, 20, {"sample.num_steps": num_steps},
-                                               {"classifier_fd": fd}, [tmp_path / "grid.png"],
+                                               {"classifier_fd": fd, "class_share/7": 0.1},
+                                               [tmp_path / "grid.png"],
                                                {"inception_metrics": "computed"})
     client = MlflowClient(tracker.uri)
     stored = client.get_run(evaluation.id)
     assert stored.data.tags[PARENT_TAG] == parent.id
     assert stored.data.params == {"sample.num_steps": "100"}
-    assert stored.data.metrics == {"classifier_fd": 2.5}
+    assert stored.data.metrics == {"classifier_fd": 2.5, "class_share/7": 0.1}
     assert stored.info.status == "FINISHED"
-    assert client.get_run(parent.id).data.metrics["classifier_fd"] == 2.5  # the latest
+    # The latest FD; the per-class shares stay on the evaluation run, off the training run's page.
+    assert client.get_run(parent.id).data.metrics == {"classifier_fd": 2.5}
     assert [a.path for a in client.list_artifacts(parent.id, "samples")] == ["samples/grid.png"]
     assert tracker.run("no-such-run") is None
 
