@@ -1,7 +1,7 @@
-"""Reverse-process samplers for a :class:`~pipeline.noise_scheduler.NoiseScheduler`: DDPM, DDIM and
-DPM-Solver++(2M), and classifier-free guidance.
+"""Reverse-process samplers for a :class:`~pipeline.noise_scheduler.NoiseScheduler`: DDPM, DDIM,
+DPM-Solver++(2M), EDM's Heun and stochastic samplers, and classifier-free guidance.
 
-All three walk a descending list of S timesteps (:func:`timesteps`) from pure noise to data. At
+The first three walk a descending list of S timesteps (:func:`timesteps`) from pure noise to data. At
 each step the model output is turned into a predicted clean image x0_hat (clipped to [-1, 1] when
 asked), and x moves from the level abar_t to abar_prev, the level of the next timestep in the
 list (1 after the last one), by an update of the same form for all samplers:
