@@ -36,7 +36,7 @@ class ParamsError(ValueError):
 Schedule = Literal["linear", "scaled_linear", "cosine", "sigmoid", "exponential"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 Precision = Literal["auto", "fp32", "bf16"]
-SamplingMethod = Literal["ddpm", "ddim", "dpmpp_2m"]
+SamplingMethod = Literal["ddpm", "ddim", "dpmpp_2m", "heun", "edm_stochastic"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 VarianceType = Literal["fixed_small", "fixed_large"]
 
@@ -139,6 +139,12 @@ class SampleParams:
     seed: int = 0
     guidance_scale: float = spec(0.0, low=0.0)  # classifier-free guidance w (Ho & Salimans eq. 6)
     classes: tuple[str, ...] = ()  # class names to draw, uniformly; () = all classes
+    # EDM Algorithm 2 (method edm_stochastic): noise is added (churn) at the sigmas in
+    # [s_tmin, s_tmax], gamma = min(s_churn / num_steps, sqrt(2) - 1), scaled by s_noise.
+    s_churn: float = spec(0.0, low=0.0)  # 0: no churn, the sampler is Heun's (Algorithm 1)
+    s_tmin: float = spec(0.0, low=0.0)
+    s_tmax: float = spec(math.inf, low=0.0)  # .inf in params.yaml, as in the paper
+    s_noise: float = spec(1.0, low=0.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -282,9 +288,12 @@ def _as_float(key: str, value: Any) -> float:
     if isinstance(value, bool):
         raise ParamsError(f"{key} = {value!r} must be a number")
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ParamsError(f"{key} = {value!r} must be a number") from None
+    if math.isnan(number):  # inf is a bound (sample.s_tmax), nan would pass every range check
+        raise ParamsError(f"{key} = {value!r} must be a number, not nan")
+    return number
 
 
 def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
@@ -416,6 +425,32 @@ def _step_problems(params: Params) -> Iterator[str]:
                    f"timesteps a sampler can visit; use at most {timesteps}")
 
 
+# The sample keys that only some methods read, and those methods: another method would ignore a
+# value other than the default, so it is a mistake.
+METHOD_KEYS = {"eta": ("ddim",), "variance_type": ("ddpm",), "s_churn": ("edm_stochastic",),
+               "s_tmin": ("edm_stochastic",), "s_tmax": ("edm_stochastic",),
+               "s_noise": ("edm_stochastic",)}
+EDM_METHODS = ("heun", "edm_stochastic")
+
+
+def _sampler_problems(params: Params) -> Iterator[str]:
+    """Settings that the chosen sample.method ignores or cannot run (pipeline/sampler.py)."""
+    p, defaults = params.sample, SampleParams()
+    for key, methods in METHOD_KEYS.items():
+        value, default = getattr(p, key), getattr(defaults, key)
+        if value != default and p.method not in methods:
+            yield (f"sample.{key} = {value!r} is read by sample.method {' or '.join(map(repr, methods))} "
+                   f"only, and sample.method = {p.method!r} would ignore it; set sample.{key} back to "
+                   f"{default!r} or choose that method")
+    if p.method in EDM_METHODS and params.diffusion.rescale_zero_terminal_snr:
+        yield (f"sample.method = {p.method!r} starts at sigma_max = sqrt((1 - abar) / abar) of the "
+               "last timestep, infinite with diffusion.rescale_zero_terminal_snr = True; use ddim or "
+               "dpmpp_2m for this model")
+    if p.s_churn > 0 and p.s_tmin > p.s_tmax:
+        yield (f"sample.s_tmin = {p.s_tmin!r} is above sample.s_tmax = {p.s_tmax!r}: no sigma lies "
+               f"between them, so sample.s_churn = {p.s_churn!r} would add no noise")
+
+
 def _check_combinations(params: Params) -> None:
     """Raise one ParamsError naming every combination of values the pipeline cannot run."""
     m, d = params.model, params.diffusion
@@ -426,6 +461,7 @@ def _check_combinations(params: Params) -> None:
         zero_terminal_snr_problem(d.rescale_zero_terminal_snr, d.prediction_type,
                                   d.num_timesteps, _diffusion_key),
         *_step_problems(params),
+        *_sampler_problems(params),
         _batch_problem(params),
     ]
     problems = [p for p in problems if p]

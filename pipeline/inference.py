@@ -18,7 +18,7 @@ from pipeline.config import SampleParams
 from pipeline.data import grid_image, to_uint8
 from pipeline.io import save_image
 from pipeline.model_file import TrainedModel
-from pipeline.sampler import guided, model_fn, sample
+from pipeline.sampler import Churn, guided, model_fn, sample
 from pipeline.unet import UNet
 
 
@@ -71,7 +71,9 @@ def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = No
                      (n, model.in_channels, model.image_size, model.image_size),
                      method=p.method, num_steps=p.num_steps, eta=p.eta,
                      timestep_spacing=p.timestep_spacing, clip_sample=p.clip_sample,
-                     variance_type=p.variance_type, generator=generator, device=device,
+                     variance_type=p.variance_type,
+                     churn=Churn(p.s_churn, p.s_tmin, p.s_tmax, p.s_noise),
+                     generator=generator, device=device,
                      return_intermediates=return_intermediates and start == 0, progress=progress,
                      self_condition=model.self_condition)
         if return_intermediates and start == 0:

@@ -1,7 +1,7 @@
-"""Reverse-process samplers for a :class:`~pipeline.noise_scheduler.NoiseScheduler`: DDPM, DDIM and
-DPM-Solver++(2M), and classifier-free guidance.
+"""Reverse-process samplers for a :class:`~pipeline.noise_scheduler.NoiseScheduler`: DDPM, DDIM,
+DPM-Solver++(2M), EDM's Heun and stochastic samplers, and classifier-free guidance.
 
-All three walk a descending list of S timesteps (:func:`timesteps`) from pure noise to data. At
+The first three walk a descending list of S timesteps (:func:`timesteps`) from pure noise to data. At
 each step the model output is turned into a predicted clean image x0_hat (clipped to [-1, 1] when
 asked), and x moves from the level abar_t to abar_prev, the level of the next timestep in the
 list (1 after the last one), by an update of the same form for all samplers:
@@ -33,6 +33,21 @@ last one onto clean data (lambda = infinity) are first order, as usual.
 The step onto clean data (abar_prev = 1) returns x0_hat itself and adds no noise, so the final
 samples are the last x0_hat.
 
+Heun and EDM's stochastic sampler (Karras et al. 2022, Algorithms 1 and 2) solve the same
+probability-flow ODE in the variance-exploding form of EDM: x = x_vp / sqrt(abar) with
+sigma = sqrt((1 - abar) / abar) (Table 1, "VP" column: s(t) = sqrt(abar), sigma(t) as above), so
+that x = x0 + sigma * noise and the ODE is dx/dsigma = (x - D(x; sigma)) / sigma (eq. 3 with
+s = 1, Algorithm 1 line 4). The denoiser D(x; sigma) of a VP model is its x0_hat at the input
+x_vp = sqrt(abar) x (clipped, self-conditioned as above). The model knows only its T trained
+levels, so the sampler visits only those: the sigmas of eq. 5 (rho = 7, sigma_max and sigma_min
+the levels of t = T-1 and t = 0) are each replaced by the level nearest to it in sigma, as EDM's
+own code does for its discrete models (``round_sigma`` of its iDDPM preconditioner), and so is
+the raised sigma_hat of a churned step (Algorithm 2 line 5). Near sigma_min, where eq. 5 is dense,
+a large S may round two steps to the same level: that step is then a zero step (dx = 0). "heun"
+takes S - 1 Heun steps (2 evaluations each) and a last Euler step to sigma = 0, which lands on
+D itself (line 8 with t_N = 0): NFE = 2 S - 1. "edm_stochastic" adds noise before each step
+whose sigma is in [s_tmin, s_tmax] (lines 4-6); with s_churn = 0 it is "heun", draw for draw.
+
 Classifier-free guidance (Ho & Salimans 2022) wraps a class-conditional model into the
 ``model(x_t, t)`` that the samplers take (:func:`guided`); :func:`drop_labels` is its training side.
 
@@ -51,19 +66,22 @@ References:
     Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", arXiv:2102.09672.
     Lin, Liu, Li, Yang 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
         arXiv:2305.08891 (sec. 3.3, Table 2: timestep spacings).
+    Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Based
+        Generative Models", arXiv:2206.00364 (EDM).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from pipeline.config import SamplingMethod, TimestepSpacing, VarianceType, check_choice, choices
+from pipeline.config import (EDM_METHODS, SamplingMethod, TimestepSpacing, VarianceType, check_choice,
+                             choices)
 from pipeline.noise_scheduler import NoiseScheduler, posterior_coefficients
 from pipeline.progress import progress_bar
 
@@ -91,8 +109,7 @@ def timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> l
     Rounding is half-to-even, like numpy's.
     """
     check_choice("timestep_spacing", spacing, TimestepSpacing)
-    if not isinstance(num_steps, int) or not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps must be an integer in [1, {num_timesteps}]; got {num_steps!r}")
+    _check_num_steps(num_timesteps, num_steps)
     if spacing == "leading":
         stride = num_timesteps // num_steps
         return [i * stride for i in reversed(range(num_steps))]
@@ -101,6 +118,11 @@ def timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> l
     if num_steps == 1:  # linspace(0, T-1, 1) is [0]
         return [0]
     return [round(i * (num_timesteps - 1) / (num_steps - 1)) for i in reversed(range(num_steps))]
+
+
+def _check_num_steps(num_timesteps: int, num_steps: int) -> None:
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be an integer in [1, {num_timesteps}]; got {num_steps!r}")
 
 
 def _ddpm_update(alpha_bar: float, alpha_bar_prev: float, variance_type: str) -> Update:
@@ -150,6 +172,61 @@ def _updates(method: str, alpha_bars: list[float], eta: float, variance_type: st
     return updates
 
 
+class Churn(NamedTuple):
+    """EDM Algorithm 2's S_churn, S_tmin, S_tmax and S_noise; the defaults add no noise (Algorithm 1)."""
+
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+
+    def gamma(self, sigma: float, num_steps: int) -> float:
+        """Algorithm 2 line 4: gamma_i = min(S_churn / N, sqrt(2) - 1) for t_i in [S_tmin, S_tmax]."""
+        if not self.s_tmin <= sigma <= self.s_tmax:
+            return 0.0
+        return min(self.s_churn / num_steps, math.sqrt(2) - 1)
+
+
+def edm_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> list[float]:
+    """EDM eq. 5: sigma_i = (sigma_max^(1/rho) + i / (N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+    for i = 0 .. N-1 (descending, without the final sigma_N = 0); [sigma_max] for N = 1."""
+    if num_steps == 1:
+        return [sigma_max]
+    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return [(top + i / (num_steps - 1) * (bottom - top)) ** rho for i in range(num_steps)]
+
+
+def level_sigmas(scheduler: NoiseScheduler) -> list[float]:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) of every trained timestep t = 0 .. T-1 (EDM Table 1, VP)."""
+    alpha_bar = scheduler.alpha_bar(torch.arange(scheduler.num_timesteps))
+    return ((1 - alpha_bar) / alpha_bar).sqrt().tolist()
+
+
+def nearest_level(levels: Sequence[float], sigma: float) -> int:
+    """The trained timestep whose sigma is nearest to ``sigma`` (EDM's code: ``round_sigma``)."""
+    return min(range(len(levels)), key=lambda t: abs(levels[t] - sigma))
+
+
+def edm_timesteps(scheduler: NoiseScheduler, num_steps: int) -> list[int]:
+    """The descending timesteps of "heun" and "edm_stochastic": eq. 5's sigmas, each rounded to the
+    nearest trained level (see the module docstring)."""
+    _check_num_steps(scheduler.num_timesteps, num_steps)
+    levels = level_sigmas(scheduler)
+    if math.isinf(levels[-1]):
+        raise ValueError("heun and edm_stochastic start at sigma_max, the sigma of t = T-1, which is "
+                         "infinite at zero terminal SNR (abar = 0); use ddim or dpmpp_2m")
+    return [nearest_level(levels, sigma) for sigma in edm_sigmas(levels[0], levels[-1], num_steps)]
+
+
+def _x0_hat(model: Callable[..., Tensor], scheduler: NoiseScheduler, x_t: Tensor, t: int,
+            x0_last: Tensor, clip_sample: bool, self_condition: bool) -> Tensor:
+    """The model's prediction of the clean image at (x_t, t), clipped to [-1, 1] when asked."""
+    t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+    output = model(x_t, t_batch, x_self_cond=x0_last) if self_condition else model(x_t, t_batch)
+    x0 = scheduler.predict_x0(output, x_t, t)
+    return x0.clamp(-1.0, 1.0) if clip_sample else x0
+
+
 @torch.inference_mode()
 def sample(
     model: Callable[..., Tensor],
@@ -162,6 +239,7 @@ def sample(
     timestep_spacing: str = "leading",
     clip_sample: bool = True,
     variance_type: str = "fixed_small",
+    churn: Churn = Churn(),
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     return_intermediates: bool = False,
@@ -176,19 +254,24 @@ def sample(
             ``self_condition``.
         scheduler: the forward process the model was trained with.
         shape: shape of the batch of samples, e.g. (n, channels, height, width).
-        method: "ddpm" (ancestral), "ddim" or "dpmpp_2m" (DPM-Solver++(2M), deterministic).
-        num_steps: number of model evaluations S, 1 <= S <= T; None means T.
+        method: "ddpm" (ancestral), "ddim", "dpmpp_2m" (DPM-Solver++(2M), deterministic), "heun"
+            (EDM Algorithm 1, deterministic) or "edm_stochastic" (EDM Algorithm 2).
+        num_steps: number of steps S, 1 <= S <= T; None means T. The model is evaluated S times,
+            2 S - 1 times by "heun" and "edm_stochastic".
         eta: DDIM stochasticity in [0, 1]: 0 is deterministic, 1 is DDPM. Used by "ddim" only.
-        timestep_spacing: which S timesteps to visit, see :func:`timesteps`.
+        timestep_spacing: which S timesteps to visit, see :func:`timesteps`; the EDM samplers
+            visit those of :func:`edm_timesteps` instead.
         clip_sample: clip x0_hat to [-1, 1] at every step (data are scaled to [-1, 1]).
         variance_type: "fixed_small" or "fixed_large" reverse variance of "ddpm"; used by "ddpm" only.
+        churn: the noise that "edm_stochastic" adds; its s_churn must be 0 for the other methods.
         generator: source of all randomness, the initial noise included; it must live on ``device``.
         device: where to sample.
         return_intermediates: also return x0_hat of every step (S tensors of ``shape``), e.g. for
-            a figure of the denoising progression.
+            a figure of the denoising progression; for the EDM samplers the first of each step's
+            two evaluations.
         progress: show a progress bar (plain lines when stderr is not a terminal).
-        self_condition: call ``model(x_t, t, x_self_cond=...)`` with the previous step's x0_hat
-            (zeros at the first step), for a model trained with self-conditioning.
+        self_condition: call ``model(x_t, t, x_self_cond=...)`` with the previous evaluation's
+            x0_hat (zeros at the first one), for a model trained with self-conditioning.
 
     Returns:
         The samples, or (samples, list of x0_hat per step) with ``return_intermediates``.
@@ -197,35 +280,80 @@ def sample(
     check_choice("variance_type", variance_type, VarianceType)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1]; got {eta!r}")
+    if churn.s_churn < 0 or churn.s_noise <= 0:
+        raise ValueError(f"churn needs s_churn >= 0 and s_noise > 0; got {churn}")
+    if churn.s_churn > 0 and method != "edm_stochastic":
+        raise ValueError(f"s_churn = {churn.s_churn!r} is used by method 'edm_stochastic' only; "
+                         f"method {method!r} would ignore it")
     if num_steps is None:
         num_steps = scheduler.num_timesteps
-    steps = timesteps(scheduler.num_timesteps, num_steps, timestep_spacing)
-    # Levels as Python floats: the per-step coefficients are then plain float arithmetic.
-    alpha_bars = scheduler.alpha_bar(torch.tensor(steps + [-1])).tolist()
-    updates = _updates(method, alpha_bars, eta, variance_type)
-
+    x0_hat = partial(_x0_hat, model, scheduler, clip_sample=clip_sample, self_condition=self_condition)
+    if method in EDM_METHODS:
+        steps = edm_timesteps(scheduler, num_steps)
+        run = partial(_edm_steps, x0_hat, level_sigmas(scheduler), churn=churn)
+    else:
+        steps = timesteps(scheduler.num_timesteps, num_steps, timestep_spacing)
+        # Levels as Python floats: the per-step coefficients are then plain float arithmetic.
+        alpha_bars = scheduler.alpha_bar(torch.tensor(steps + [-1])).tolist()
+        run = partial(_vp_steps, x0_hat, _updates(method, alpha_bars, eta, variance_type))
     x = torch.randn(tuple(shape), generator=generator, device=device)
-    predictions = []
-    # Zeros before the first step: Algorithm 2's initial x_pred for self-conditioning; the first
-    # step never extrapolates (c = 0), so DPM-Solver++ does not read it.
-    x0_last = torch.zeros_like(x)
-    schedule = zip(steps, updates)
+    states = run(x, steps, generator)
     if progress:
-        schedule = progress_bar(schedule, len(steps), method)
-    for t, (coef_x0, coef_xt, sigma, extrapolation) in schedule:
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
-        output = model(x, t_batch, x_self_cond=x0_last) if self_condition else model(x, t_batch)
-        x0 = scheduler.predict_x0(output, x, t)
-        if clip_sample:
-            x0 = x0.clamp(-1.0, 1.0)
-        target = x0 + extrapolation * (x0 - x0_last) if extrapolation else x0
-        x = coef_x0 * target + coef_xt * x
-        if sigma > 0:  # DDIM with eta = 0 draws nothing: its path depends on the initial noise only
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=device)
-        x0_last = x0
+        states = progress_bar(states, len(steps), method)
+    predictions = []
+    for x, x0 in states:
         if return_intermediates:
             predictions.append(x0)
     return (x, predictions) if return_intermediates else x
+
+
+def _vp_steps(x0_hat: Callable[..., Tensor], updates: list[Update], x: Tensor, steps: list[int],
+              generator: torch.Generator | None) -> Iterator[tuple[Tensor, Tensor]]:
+    """DDPM, DDIM and DPM-Solver++(2M) from the noise x: (x, x0_hat) after each step."""
+    # Zeros before the first step: Algorithm 2's initial x_pred for self-conditioning; the first
+    # step never extrapolates (c = 0), so DPM-Solver++ does not read it.
+    x0_last = torch.zeros_like(x)
+    for t, (coef_x0, coef_xt, sigma, extrapolation) in zip(steps, updates):
+        x0 = x0_hat(x, t, x0_last)
+        target = x0 + extrapolation * (x0 - x0_last) if extrapolation else x0
+        x = coef_x0 * target + coef_xt * x
+        if sigma > 0:  # DDIM with eta = 0 draws nothing: its path depends on the initial noise only
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+        x0_last = x0
+        yield x, x0
+
+
+def _edm_steps(x0_hat: Callable[..., Tensor], levels: list[float], noise: Tensor, steps: list[int],
+               generator: torch.Generator | None, churn: Churn) -> Iterator[tuple[Tensor, Tensor]]:
+    """EDM Algorithm 2 (Algorithm 1 without churn) from the noise: (x, D of the step's first
+    evaluation) after each step, x in the variance-exploding form (x_vp = sqrt(abar) x)."""
+    last = torch.zeros_like(noise)  # the self-conditioning input: the previous evaluation's D
+
+    def denoise(x: Tensor, t: int) -> Tensor:
+        # D(x; sigma_t) = x0_hat at x_vp = x / sqrt(1 + sigma_t^2) = sqrt(abar_t) x (Table 1, VP).
+        nonlocal last
+        last = x0_hat(x / math.sqrt(1 + levels[t] ** 2), t, last)
+        return last
+
+    x = levels[steps[0]] * noise  # line 2: x_0 ~ N(0, t_0^2 I)
+    for i, t in enumerate(steps):
+        sigma = levels[t]
+        gamma = churn.gamma(sigma, len(steps))
+        if gamma > 0:  # lines 5-6, with t_hat rounded to a trained level like every sigma
+            t = nearest_level(levels, sigma * (1 + gamma))
+            extra = math.sqrt(levels[t] ** 2 - sigma**2) * churn.s_noise
+            x = x + extra * torch.randn(x.shape, generator=generator, device=x.device)
+        sigma_hat = levels[t]
+        x0 = denoise(x, t)
+        if i == len(steps) - 1:  # line 8 with t_N = 0: x_N = x_hat - t_hat (x_hat - D) / t_hat = D
+            yield x0, x0
+            return
+        t_next = steps[i + 1]
+        slope = (x - x0) / sigma_hat  # line 7: d_i = (x_hat - D(x_hat; t_hat)) / t_hat
+        x_next = x + (levels[t_next] - sigma_hat) * slope  # line 8, the Euler step
+        slope_next = (x_next - denoise(x_next, t_next)) / levels[t_next]  # line 10
+        x = x + (levels[t_next] - sigma_hat) * (slope + slope_next) / 2  # line 11, Heun's correction
+        yield x, x0
 
 
 def drop_labels(labels: Tensor, null_label: int, prob: float, generator: torch.Generator | None = None

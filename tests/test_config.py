@@ -1,6 +1,7 @@
 """params.yaml loading: defaults, typos, types, ranges and impossible combinations of keys; the
 dotted keys of `dvc exp run -S`."""
 
+import math
 import os
 import subprocess
 import sys
@@ -311,3 +312,39 @@ def test_preprocess_stage_stops_at_once_on_an_impossible_combination(tmp_path):
     assert lines[0].startswith("preprocess: error: params.yaml: preprocess.image_size=30 is not "
                                "divisible by 2**(levels-1)=4, which model.channel_mult=[1, 2, 4]")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("sample", "fragments"),
+    [
+        ({"method": "heun", "s_churn": 5.0},
+         ["sample.s_churn = 5.0 is read by sample.method 'edm_stochastic' only",
+          "sample.method = 'heun' would ignore it", "back to 0.0"]),
+        ({"method": "heun", "eta": 0.5}, ["sample.eta = 0.5 is read by sample.method 'ddim' only"]),
+        ({"method": "dpmpp_2m", "variance_type": "fixed_large"},
+         ["sample.variance_type = 'fixed_large' is read by sample.method 'ddpm' only"]),
+        ({"method": "edm_stochastic", "s_churn": 5.0, "s_tmin": 2.0, "s_tmax": 1.0},
+         ["sample.s_tmin = 2.0 is above sample.s_tmax = 1.0"]),
+    ],
+)
+def test_a_setting_the_sampler_ignores_is_an_error(sample, fragments):
+    with pytest.raises(ParamsError) as err:
+        from_dict({"sample": sample})
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_edm_samplers_need_a_finite_sigma_max():
+    with pytest.raises(ParamsError, match="infinite with diffusion.rescale_zero_terminal_snr"):
+        from_dict({"sample": {"method": "heun"},
+                   "diffusion": {"prediction_type": "v_prediction", "rescale_zero_terminal_snr": True}})
+
+
+def test_churn_settings_and_infinity():
+    p = from_dict({"sample": {"method": "edm_stochastic", "s_churn": 40, "s_tmax": "inf"}}).sample
+    assert (p.s_churn, p.s_tmax) == (40.0, math.inf)
+    assert SampleParams().s_tmax == math.inf
+    with pytest.raises(ParamsError, match="sample.s_tmax = 'nan' must be a number, not nan"):
+        from_dict({"sample": {"method": "edm_stochastic", "s_tmax": "nan"}})
+    with pytest.raises(ParamsError, match=r"sample.s_noise = 0.0 is out of range; allowed: > 0"):
+        from_dict({"sample": {"method": "edm_stochastic", "s_noise": 0.0}})
