@@ -111,7 +111,7 @@ class TrainParams:
     warmup_steps: int = spec(100, low=0)  # linear learning-rate warm-up
     grad_clip: float = spec(1.0, low=0.0)  # max global gradient norm; 0 disables clipping
     ema_decay: float = spec(0.995, low=0.0, high=1.0)
-    precision: Precision = "auto"  # auto: bf16 autocast where supported
+    precision: Precision = "auto"  # auto: bf16 on GPUs that have it; CPUs: the faster, timed
     log_every: int = spec(50, low=1)
     checkpoint_every: int = spec(500, low=1)
     sample_every: int = spec(500, low=1)  # steps between sample grids logged to MLflow
@@ -139,6 +139,7 @@ class SampleParams:
     seed: int = 0
     guidance_scale: float = spec(0.0, low=0.0)  # classifier-free guidance w (Ho & Salimans eq. 6)
     classes: tuple[str, ...] = ()  # class names to draw, uniformly; () = all classes
+    precision: Precision = "auto"  # of the network's forward passes; auto as train.precision
 
 
 @dataclass(frozen=True)
