@@ -30,7 +30,7 @@ from bench.flops import flops_per_image, matmul_flops_per_s
 from bench.models import configs, head_mismatch, parameter_counts
 from bench.pipeline_times import pipeline_figures
 from pipeline.config import to_dict
-from pipeline.device import default_device, use_bf16
+from pipeline.device import default_device, fixed_precision
 
 IMPLS = ("project", "reference")
 
@@ -87,13 +87,15 @@ def measure_pair(base_job: dict, repeats: int, project_options: dict) -> dict:
 
 
 def precisions(choice: str, params, device: torch.device) -> dict[str, list[str]]:
-    """Per task, the precisions to measure: "auto" is what the pipeline does (training as
-    train.precision resolves on this device, sampling in fp32), "both" is fp32 and bf16."""
+    """Per task, the precisions to measure: "auto" is what the pipeline does (train.precision
+    and sample.precision as they resolve on this device; both where the pipeline would time
+    both, "auto" on a CPU), "both" is fp32 and bf16."""
     if choice == "both":
         return {"train": ["fp32", "bf16"], "sample": ["fp32", "bf16"]}
     if choice == "auto":
-        train = "bf16" if use_bf16(params.train.precision, device) else "fp32"
-        return {"train": [train], "sample": ["fp32"]}
+        return {task: [fixed] if (fixed := fixed_precision(precision, device)) else
+                ["fp32", "bf16"] for task, precision in (("train", params.train.precision),
+                                                       ("sample", params.sample.precision))}
     return {"train": [choice], "sample": [choice]}
 
 

@@ -111,7 +111,7 @@ class TrainParams:
     warmup_steps: int = spec(100, low=0)  # linear learning-rate warm-up
     grad_clip: float = spec(1.0, low=0.0)  # max global gradient norm; 0 disables clipping
     ema_decay: float = spec(0.995, low=0.0, high=1.0)
-    precision: Precision = "auto"  # auto: bf16 autocast where supported
+    precision: Precision = "auto"  # auto: bf16 on GPUs that have it; CPUs: the faster, timed
     log_every: int = spec(50, low=1)
     checkpoint_every: int = spec(500, low=1)
     sample_every: int = spec(500, low=1)  # steps between sample grids logged to MLflow
@@ -145,6 +145,7 @@ class SampleParams:
     s_tmin: float = spec(0.0, low=0.0)
     s_tmax: float = spec(math.inf, low=0.0)  # .inf in params.yaml, as in the paper
     s_noise: float = spec(1.0, low=0.0, low_open=True)
+    precision: Precision = "auto"  # of the network's forward passes; auto as train.precision
 
 
 @dataclass(frozen=True)

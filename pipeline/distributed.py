@@ -51,6 +51,14 @@ class World:
         dist.all_reduce(signal, op=dist.ReduceOp.MAX)
         return float(mean[0]), int(signal[0])
 
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value`, on every rank."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's `value` in rank order on rank 0 (None on the others)."""
         if self.size == 1:

@@ -3,11 +3,13 @@
 The sample and evaluate stages, the generate CLI (pipeline/generate.py) and the MLflow model
 (pipeline/mlflow_model.py) draw their images here, from a model that pipeline.model_file loaded.
 A class-conditional model draws the classes of `sample.classes` (all if empty) and may sample
-with classifier-free guidance (`sample.guidance_scale`, see pipeline.sampler.guided).
+with classifier-free guidance (`sample.guidance_scale`, see pipeline.sampler.guided). The network
+runs in `sample.precision`: under bf16 autocast or not, "auto" on a CPU timed on the first batch.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from PIL import Image
 
 from pipeline.config import SampleParams
 from pipeline.data import grid_image, to_uint8
+from pipeline.device import Step, choose_precision
 from pipeline.io import save_image
 from pipeline.model_file import TrainedModel
 from pipeline.sampler import Churn, guided, model_fn, sample
@@ -64,10 +67,12 @@ def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = No
     if labels is None:
         labels = draw_labels(trained, p, num_images)
     images, intermediates = [], []
+    bf16 = sampling_bf16(trained, p, labels, min(p.batch_size, num_images), progress)
     for start in range(0, num_images, p.batch_size):
         n = min(p.batch_size, num_images - start)
         batch_labels = labels[start:start + n].to(device) if labels is not None else None
-        out = sample(denoiser(model, batch_labels, p.guidance_scale), trained.scheduler,
+        network = in_precision(denoiser(model, batch_labels, p.guidance_scale), device, bf16)
+        out = sample(network, trained.scheduler,
                      (n, model.in_channels, model.image_size, model.image_size),
                      method=p.method, num_steps=p.num_steps, eta=p.eta,
                      timestep_spacing=p.timestep_spacing, clip_sample=p.clip_sample,
@@ -80,6 +85,45 @@ def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = No
             out, intermediates = out
         images.append(to_uint8(out.cpu()))
     return torch.cat(images), [to_uint8(x.cpu()) for x in intermediates]
+
+
+def sampling_bf16(trained: TrainedModel, p: SampleParams, labels: torch.Tensor | None, n: int,
+                  report: bool) -> bool:
+    """Whether to sample under bf16 autocast: p.precision, where "auto" on a CPU times one
+    forward pass of the batch both ways (pipeline.device.choose_precision)."""
+    device = next(trained.model.parameters()).device
+    chosen, note = choose_precision(p.precision, device,
+                                    lambda: probe_forward(trained, p, labels, n))
+    if report and note:
+        print(f"sample: precision {p.precision} -> {chosen}{note}", file=sys.stderr)
+    return chosen == "bf16"
+
+
+def probe_forward(trained: TrainedModel, p: SampleParams, labels: torch.Tensor | None, n: int
+                  ) -> Step:
+    """One forward pass of the first batch's shape, at the middle timestep, for the probe."""
+    model = trained.model
+    device = next(model.parameters()).device
+    x = torch.randn((n, model.in_channels, model.image_size, model.image_size),
+                    generator=torch.Generator(device).manual_seed(p.seed), device=device)
+    t = torch.full((n,), trained.scheduler.num_timesteps // 2, device=device)
+    network = denoiser(model, labels[:n].to(device) if labels is not None else None,
+                       p.guidance_scale)
+
+    @torch.inference_mode()
+    def forward(bf16: bool) -> None:
+        in_precision(network, device, bf16)(x, t)
+
+    return forward
+
+
+def in_precision(network: Callable, device: torch.device, bf16: bool) -> Callable:
+    """`network` under bf16 autocast if `bf16`; its output in float32 either way, so that the
+    sampler's own arithmetic stays in float32."""
+    def run(*args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return network(*args, **kwargs).float()
+    return run
 
 
 def draw_labels(trained: TrainedModel, p: SampleParams, num_images: int) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""Where training writes its curves and sample grids: the `Logger` interface, at the bottom.
+"""Where training writes its curves, sample grids and resolved settings: the `Logger` interface, at the bottom.
 
 The training loop (pipeline/training.py) writes to a Logger and never touches MLflow;
 pipeline/tracking.py's run is the MLflow one. `Logger` itself records nothing: it is the null
@@ -9,6 +9,8 @@ steps already logged).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from PIL import Image
 
@@ -26,6 +28,13 @@ class Logger:
         """The last step logged under `key` (a metric or an image series), None if none."""
         return None
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Settings of the run, each logged once (a tracking param cannot change its value)."""
+
+    def param(self, key: str) -> str | None:
+        """The value logged for param `key`, None if none."""
+        return None
+
 
 class Relay(Logger):
     """Passes everything on to `logger`."""
@@ -41,3 +50,9 @@ class Relay(Logger):
 
     def last_step(self, key: str) -> int | None:
         return self.logger.last_step(key)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.logger.log_params(params)
+
+    def param(self, key: str) -> str | None:
+        return self.logger.param(key)

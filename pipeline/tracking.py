@@ -272,9 +272,6 @@ class Run(Logger):
 
     id: str | None = None
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         pass
 
@@ -349,6 +346,9 @@ class MlflowRun(Run):
 
     def tag(self, key: str) -> str | None:
         return self.client.get_run(self.id).data.tags.get(key)
+
+    def param(self, key: str) -> str | None:
+        return self.client.get_run(self.id).data.params.get(key)
 
     def last_step(self, key: str) -> int | None:
         """The largest step logged under `key` in this run, as a metric or an image series

@@ -4,8 +4,9 @@ Each step draws a batch, a uniform timestep t and Gaussian noise per image, and 
 model output on the scheduler's target (DDPM, Ho et al. 2020, Algorithm 1 and eq. 14, "L_simple";
 the target is the noise, x0 or v depending on the prediction type). AdamW (Loshchilov & Hutter
 2019) with a linear learning-rate warm-up then cosine decay; the global gradient norm is clipped;
-an EMA of the weights (pipeline/ema.py) is what gets sampled and saved. On a GPU, or a CPU with
-native bf16, the forward pass runs under bf16 autocast. With `model.self_condition`, half of the
+an EMA of the weights (pipeline/ema.py) is what gets sampled and saved. In bf16 precision the
+forward pass runs under bf16 autocast; `train.precision: auto` on a CPU times a few steps both ways
+before a fresh run starts (pipeline/device.py), and the checkpoints keep what it chose. With `model.self_condition`, half of the
 steps first estimate x0 without gradient and feed it back (Chen et al. 2022, Algorithm 1).
 
 Nothing is lost when a run is interrupted. Every `train.checkpoint_every` steps a checkpoint
@@ -23,6 +24,7 @@ weights are saved as pipeline/model_file.py's ema.pt.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -43,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.checkpoint import Checkpoints, random_states, restore_random_states
 from pipeline.config import Params, TrainParams, to_dict
 from pipeline.data import ImageSet, grid_image, to_model_range, to_uint8
-from pipeline.device import default_device, use_bf16
+from pipeline.device import Step, choose_precision, default_device
 from pipeline.distributed import World
 from pipeline.ema import EMA
 from pipeline.io import atomic_path
@@ -77,6 +79,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # one row per log interval
     seconds: float = 0.0  # training time so far, across resumes
     window: dict[str, list[float]] = field(default_factory=dict)  # a log interval's steps so far
+    precision: str = ""  # "fp32" or "bf16", as train.precision resolved when the run started
 
 
 def learning_rate(step: int, p: TrainParams) -> float:
@@ -151,9 +154,11 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
                                              fingerprint(params, data, world.size))
     state = resume(checkpoints, model, ema, optimizer, generator, world.rank)
     logger = NewStepsOnly(logger)
-    bf16 = use_bf16(p.precision, device)
     images = data.images.to(device)
     labels = data.labels.to(device)
+    if not state.precision:  # a fresh run; a resumed one keeps its precision, for bit-exactness
+        state.precision = run_precision(model, scheduler, images, labels, p, world, logger)
+    bf16 = state.precision == "bf16"
     window = Window(state.window)
 
     def save() -> None:
@@ -168,13 +173,11 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
     with stop_requests() as stop:
         while state.step < p.steps:
             lr = set_learning_rate(optimizer, learning_rate(state.step, p))
-            index = torch.randint(len(images), (p.batch_size,), generator=generator, device=device)
-            batch_labels = labels[index] if model.num_classes else None
-            loss, grad_norm = train_step(network, scheduler, optimizer, to_model_range(images[index]),
-                                         batch_labels, generator, p, bf16,
-                                         world.shard(p.batch_size))
+            x0, batch_labels = draw_batch(images, labels, model, p, generator)
+            loss, grad_norm = train_step(network, scheduler, optimizer, x0, batch_labels,
+                                         generator, p, bf16, world.shard(p.batch_size))
             loss, signum = world.agree(loss, stop.signum)
-            check_finite(loss, grad_norm, state.step + 1, p, checkpoints)
+            check_finite(loss, grad_norm, state.step + 1, p, state.precision, checkpoints)
             ema.update(model)
             state.step += 1
             window.add(loss, grad_norm, p.batch_size)
@@ -192,6 +195,54 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
         save_ema_model(out_dir / "ema.pt", params, ema_weights(model, ema), data.classes, run_id,
                        state.step)
     return state
+
+
+PRECISION_PARAM = "train.precision_resolved"  # the tracking param of TrainState.precision
+
+
+def run_precision(model: UNet, scheduler: NoiseScheduler, images: torch.Tensor,
+                  labels: torch.Tensor, p: TrainParams, world: World, logger: Logger) -> str:
+    """The precision of a fresh run, recorded in the logger, the same on every rank.
+
+    A run that the logger already holds (killed before its first checkpoint) keeps the
+    precision its logged steps were computed in; else "auto" on a CPU times a few steps of this
+    model at this batch (`probe_step`) in fp32 and bf16 and takes the faster.
+    """
+    logged = logger.param(PRECISION_PARAM)
+    chosen, note = logged, " (as the tracking run recorded)"
+    if logged is None and world.is_main:
+        chosen, note = choose_precision(
+            p.precision, world.device,
+            lambda: probe_step(model, scheduler, images, labels, p, world.shard(p.batch_size)))
+    chosen = world.from_main(chosen)
+    if world.is_main:
+        print(f"train: precision {p.precision} -> {chosen}{note}")
+    if logged is None:
+        logger.log_params({PRECISION_PARAM: chosen})
+    return chosen
+
+
+def probe_step(model: UNet, scheduler: NoiseScheduler, images: torch.Tensor,
+               labels: torch.Tensor, p: TrainParams, shard: slice) -> Step:
+    """One training step for pipeline.device's probe: on a copy of the model, with its own
+    optimiser and generator, so that the run's weights and draws are those of a run without it."""
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    generator = torch.Generator(images.device).manual_seed(p.seed)
+
+    def step(bf16: bool) -> None:
+        x0, batch_labels = draw_batch(images, labels, model, p, generator)
+        train_step(model, scheduler, optimizer, x0, batch_labels, generator, p, bf16, shard)
+
+    return step
+
+
+def draw_batch(images: torch.Tensor, labels: torch.Tensor, model: UNet, p: TrainParams,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch of p.batch_size images drawn with replacement, in the model's range, and their
+    labels for a class-conditional model."""
+    index = torch.randint(len(images), (p.batch_size,), generator=generator, device=images.device)
+    return to_model_range(images[index]), labels[index] if model.num_classes else None
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -249,7 +300,7 @@ def stop_requests() -> Iterator[StopRequest]:
             signal.signal(signum, handler)
 
 
-def check_finite(loss: float, grad_norm: float, step: int, p: TrainParams,
+def check_finite(loss: float, grad_norm: float, step: int, p: TrainParams, precision: str,
                  checkpoints: Checkpoints) -> None:
     """Stop at the first non-finite loss or gradient: the weights are garbage from here on."""
     if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -257,7 +308,7 @@ def check_finite(loss: float, grad_norm: float, step: int, p: TrainParams,
     causes = [f"a learning rate too high (train.lr = {p.lr:g}, train.warmup_steps = "
               f"{p.warmup_steps})",
               f"no or loose gradient clipping (train.grad_clip = {p.grad_clip:g})"]
-    if p.precision != "fp32":
+    if precision == "bf16":
         causes.append(f"bf16 overflow (train.precision = {p.precision}; try fp32)")
     causes.append("broken training images")
     saved = checkpoints.newest()

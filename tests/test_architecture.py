@@ -162,9 +162,9 @@ ACCEPTS = {
     ("sample", "timestep_spacing"): lambda v: sampler.timesteps(10, 2, v),
     ("sample", "variance_type"): lambda v: noise_scheduler.posterior_coefficients(0.5, 0.9, v),
 }
-# Choices that only the config checks, read by the code as flags: train.precision
-# (pipeline.device.use_bf16), preprocess.on_bad_image (pipeline.data.BadImages).
-FLAGS = {("train", "precision"), ("preprocess", "on_bad_image")}
+# Choices that only the config checks, read by the code as flags: train.precision and
+# sample.precision (pipeline.device.fixed_precision), preprocess.on_bad_image (pipeline.data.BadImages).
+FLAGS = {("train", "precision"), ("sample", "precision"), ("preprocess", "on_bad_image")}
 
 
 def test_every_choice_of_the_config_is_taken_by_the_library_or_a_flag():
