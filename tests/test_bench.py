@@ -10,12 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("diffusers")
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^(\w+)\s+(train|sample)\s+(bf16|fp32) batch\s+(\d+) \| images/s\s+([\d.]+)\s+"
                  r"([\d.]+) x\s*([\d.]+) \| peak MiB\s+([\d.]+)\s+([\d.]+) x\s*([\d.]+) \|")
+
+
+def measured(precision: str) -> set[str]:
+    return {"fp32", "bf16"} if precision == "auto" else {precision}
 
 
 @pytest.mark.slow
@@ -32,13 +37,14 @@ def test_quick_bench_reports_consistent_ratios(tmp_path):
     assert report["matmul_bf16_tflop_per_s"] > 0
     default = report["configs"]["default"]
     assert default["parameters"]["project"] == default["parameters"]["reference"] > 0
-    # auto: both precisions on a CPU, where the pipeline times both; one on a GPU
-    assert set(default["tasks"]) in ({"train_fp32", "train_bf16", "sample_fp32", "sample_bf16"},
-                                     {"train_bf16", "sample_bf16"}, {"train_fp32", "sample_fp32"})
+    # The precisions the pipeline would use (params.yaml), auto as both: on a CPU it times both.
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(default["tasks"]) == {f"{task}_{precision}" for task in ("train", "sample")
+                                     for precision in measured(params[task]["precision"])}
 
     rows = [ROW.match(line) for line in run.stdout.splitlines()]
     printed = {(m[1], m[2], m[3]): m for m in rows if m}
-    assert len(printed) == 2, run.stdout
+    assert len(printed) == len(default["tasks"]), run.stdout  # a row per measured task
     for key, result in default["tasks"].items():
         task, precision = key.split("_")
         row = printed[("default", task, precision)]
