@@ -61,12 +61,19 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline import sqlite_store
 from pipeline.config import Params, TrackingParams, flatten
 from pipeline.io import project_root
-from pipeline.logger import Logger
+from pipeline.logger import Logger, Relay
 from pipeline.model_file import load_ema_model
 from pipeline.model_request import example_request
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: nests a run under another in the UI
 DETAIL_PREFIXES = ("class_share/",)  # evaluation metrics kept on the nested run alone
+# The MLflow keys of training's interval metrics. A run page's Model metrics tab shows a section
+# per key prefix in alphabetical order, then the unprefixed keys, each section in rows of three
+# charts by name; "system/" keys go to its System metrics tab. So a training run's page opens on
+# the "train" section (gradient norm, loss, learning rate), and the unprefixed section below it
+# begins with the evaluation's class_coverage, class_tv_distance and classifier_fd.
+CURVE_KEYS = {"loss": "train/loss", "grad_norm": "train/grad_norm", "lr": "train/lr",
+              "images_per_s": "system/images_per_s", "seconds": "system/seconds"}
 PROGRESS_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its download bars
 REACH_TIMEOUT_S = 5  # an MLflow server that has not answered by then counts as unreachable
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # the pyfunc model, "models from code"
@@ -287,6 +294,16 @@ class Run(Logger):
 
     def tag(self, key: str) -> str | None:
         return None
+
+
+class TrainingCurves(Relay):
+    """Training's interval metrics under their MLflow keys (`CURVE_KEYS`)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logger.log_metrics({CURVE_KEYS.get(k, k): v for k, v in metrics.items()}, step)
+
+    def last_step(self, key: str) -> int | None:
+        return self.logger.last_step(CURVE_KEYS.get(key, key))
 
 
 class MlflowRun(Run):

@@ -21,7 +21,7 @@ from pipeline.data import ImageSet
 from pipeline.io import save_json
 from pipeline.plots import save_loss_curve
 from pipeline.progress import TrainProgress
-from pipeline.tracking import Run, connect
+from pipeline.tracking import Run, TrainingCurves, connect
 from pipeline.training import (Interrupted, TrainState, fingerprint, save_history, summary,
                                train)
 from pipeline.unet import build_model, count_parameters
@@ -57,7 +57,8 @@ def train_and_record(params: Params, world: distributed.World) -> None:
     else:
         mlflow_run = Run()  # records nothing: only rank 0 logs
     try:
-        logger = TrainProgress(mlflow_run, params.train) if world.is_main else mlflow_run
+        curves = TrainingCurves(mlflow_run)
+        logger = TrainProgress(curves, params.train) if world.is_main else curves
         state = train(params, data, TRAIN_DIR, logger, run_id=mlflow_run.id, world=world,
                       checkpoints=checkpoints)
     except Interrupted as stop:
@@ -80,8 +81,8 @@ def record(params: Params, state: TrainState, mlflow_run: Run) -> None:
     save_history(HISTORY, state.history)
     save_loss_curve(state.history, LOSS_CURVE)
     save_json(metrics, TRAIN_METRICS)
-    if (mlflow_run.last_step("train/final_loss") or 0) < state.step:  # not after a late kill
-        mlflow_run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, state.step)
+    if (mlflow_run.last_step("final_loss") or 0) < state.step:  # not after a late kill
+        mlflow_run.log_metrics(metrics, state.step)
     model_uri = mlflow_run.tag(MODEL_TAG)
     if model_uri is None and mlflow_run.id is not None:  # once, also after a late kill
         model_uri = mlflow_run.log_ema_model(EMA_MODEL, params.tracking.registered_model)

@@ -80,7 +80,7 @@ def result(project: Path) -> dict:
     client, runs = training_runs(project)
     assert len(runs) == 1, "a resumed training must continue its MLflow run, not start another"
     newest = max((project / "checkpoints").glob("*/*.pt"))
-    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
     return {"model": torch.load(newest, weights_only=True)["model"],
             "ema": torch.load(project / "outputs/train/ema.pt", weights_only=True)["weights"],
             "loss": sorted((m.step, m.value) for m in history),

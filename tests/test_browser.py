@@ -199,19 +199,27 @@ def test_run_page_shows_params_and_metrics(page, mlflow_ui, project, training_ru
         assert float(cell.inner_text()) == pytest.approx(evaluation[name]), name
 
 
-def test_model_metrics_tab_draws_the_loss_curve(page, mlflow_ui, project, training_run):
+def test_model_metrics_tab_opens_on_the_loss_curve_and_the_fd(page, mlflow_ui, project,
+                                                              training_run):
     experiment_id, run = training_run
     page.goto(f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}/model-metrics")
-    page.get_by_placeholder("Search metric charts").fill("loss")
-    chart = page.get_by_test_id("experiment-view-compare-runs-card").filter(
-        has=page.get_by_text("loss", exact=True))
-    expect(chart).to_have_count(1)
-    chart.scroll_into_view_if_needed()
+    cards = page.get_by_test_id("experiment-view-compare-runs-card")
+    loss = cards.filter(has=page.get_by_text("loss", exact=True))
+    fd = cards.filter(has=page.get_by_text("classifier_fd", exact=True))
+    expect(loss).to_have_count(1)
+    expect(fd).to_have_count(1)
     # One vertex per logged step (steps / log_every of them): "M x,y" then "L x,y" for each other.
     logged = TINY["train"]["steps"] // TINY["train"]["log_every"]
     vertex = r"[-\d.]+,[-\d.]+"
-    expect(chart.locator("path.js-line").first).to_have_attribute(
+    expect(loss.locator("path.js-line").first).to_have_attribute(
         "d", re.compile(rf"^M{vertex}(L{vertex}){{{logged - 1}}}$"))
+    # In view as the page opens, unscrolled: the loss chart whole, in the first row (the "train"
+    # section), and the FD chart's title and most of its plot in the row below.
+    height = page.viewport_size["height"]
+    first, box = cards.first.bounding_box(), loss.bounding_box()
+    assert box["y"] == pytest.approx(first["y"], abs=2) and box["y"] + box["height"] <= height
+    assert fd.bounding_box()["y"] + 0.6 * fd.bounding_box()["height"] <= height
+    assert page.evaluate("window.scrollY") == 0
     page.wait_for_timeout(500)  # let the chart's transition settle before the screenshot
     screenshot = Path(os.environ.get(SCREENSHOT_ENV) or project / "mlflow-ui.png")
     page.screenshot(path=screenshot)

@@ -40,7 +40,7 @@ def test_two_gloo_processes_follow_the_one_process_loss_curve(tmp_path):
     for project in (single, double):
         client, runs = training_runs(project)
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-        history = client.get_metric_history(runs[0].info.run_id, "loss")
+        history = client.get_metric_history(runs[0].info.run_id, "train/loss")
         steps = [m.step for m in history]
         assert sorted(steps) == list(range(4, 41, 4))  # every step logged once, by one process
         curves.append(torch.tensor([m.value for m in sorted(history, key=lambda m: m.step)]))

@@ -186,7 +186,7 @@ def test_dvc_repro_after_a_sigkill_resumes_the_same_mlflow_run(tmp_path):
     assert "resuming at step" in again.stdout
     client, (run,) = training_runs(project)  # the one run, continued: not a second one
     assert run.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(4, 121, 4))
 
 
@@ -201,7 +201,7 @@ def exp_run(project: Path, env: dict[str, str], *options: str) -> subprocess.Com
 def loss_curve(project: Path) -> list[tuple[int, float]]:
     client, (run,) = training_runs(project)  # one run: a resumed one continues, not a second
     assert run.info.status == "FINISHED"
-    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
 
 
 @pytest.fixture(scope="module")

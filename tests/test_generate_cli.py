@@ -70,7 +70,7 @@ def store(tmp_path_factory):
         runs, uris, versions = [], [], []
         for name in ["", NAME, NAME]:
             runs.append(tracker.training_run(params))
-            runs[-1].log_metrics({"train/final_loss": 0.25}, step=4)  # the last step's
+            runs[-1].log_metrics({"final_loss": 0.25}, step=4)  # the last step's
             uris.append(runs[-1].log_ema_model(root / "train" / "ema.pt", name))
             versions.append(sorted(int(v.version) for v in
                                    client.search_model_versions(f"name = '{NAME}'")))
@@ -116,7 +116,7 @@ def test_each_registration_is_a_new_version_of_the_runs_logged_model(store):
         outputs = store.client.get_run(run.id).outputs.model_outputs
         assert [(o.model_id, o.step) for o in outputs] == [(model_id, 4)]  # the training step
         assert [(m.key, m.value, m.run_id) for m in logged.metrics] == \
-            [("train/final_loss", 0.25, run.id)]
+            [("final_loss", 0.25, run.id)]
     assert store.environment_after is None  # logging leaves no MLFLOW_TRACKING_URI behind
     assert Run().log_ema_model(store.ema, NAME) is None  # tracking off: nothing logged
 

@@ -123,7 +123,7 @@ def test_mlflow_holds_the_training_run(project, first_repro):
     assert len(training) == 1 and len(evaluations) == 1
     run = training[0]
     assert run.data.params["train.steps"] == "20" and run.data.params["model.base_channels"] == "8"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10, 15, 20]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [5, 10, 15, 20]
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("sample_grid+step+10+" in p for p in images)
     assert any("sample_grid+step+20+" in p for p in images)
@@ -178,7 +178,7 @@ def test_temp_and_queued_experiments_land_in_the_same_store(project, first_repro
     assert sorted(r.data.params["train.seed"] for r in queued) == seeds
     for run in queued:
         assert run.info.status == "FINISHED"
-        for key in ["loss", "lr", "grad_norm", "images_per_s"]:
+        for key in ["train/loss", "train/lr", "train/grad_norm", "system/images_per_s"]:
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
             assert steps == [5, 10, 15, 20], (run.data.params["train.seed"], key, steps)
         nested = [e for e in evaluations if e.data.tags[PARENT_TAG] == run.info.run_id]

@@ -223,7 +223,7 @@ def test_a_training_run_goes_through_the_server_into_postgresql_and_s3(
     assert run.data.params["train.steps"] == "12" and run.data.params["model.base_channels"] == "8"
     with open(project / "outputs/train/history.csv") as f:
         written = [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(f)]
-    logged = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    logged = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
     assert [s for s, _ in logged] == [4, 8, 12]
     assert all(math.isclose(a, b, rel_tol=1e-5) for (_, a), (_, b) in zip(logged, written))
     grids = {a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")}
@@ -237,7 +237,7 @@ def test_a_training_run_goes_through_the_server_into_postgresql_and_s3(
                           "ON r.experiment_id = e.experiment_id WHERE r.run_uuid = %s",
                           run_id) == [("FINISHED", "simple-diffusion")]
     assert postgres.query("mlflow", "SELECT step, value FROM metrics WHERE run_uuid = %s AND "
-                          "key = 'loss' ORDER BY step", run_id) == logged
+                          "key = 'train/loss' ORDER BY step", run_id) == logged
     stored = objects(s3, "mlflow/")
     key = next(k for k in stored if k.endswith(f"/{run_id}/artifacts/{min(grids)}"))
     assert stored[key] == downloaded.read_bytes()

@@ -21,7 +21,8 @@ from PIL import Image
 
 from pipeline.config import Params, TrackingParams, flatten
 from pipeline.tracking import (PARENT_TAG, REACH_TIMEOUT_S, MlflowTracker, Tracker,
-                               TrackingUnavailable, check_store, connect, redact, tracking_uri)
+                               TrackingUnavailable, TrainingCurves, check_store, connect, redact,
+                               tracking_uri)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,6 +203,19 @@ def test_credentials_never_reach_the_run_params_nor_the_output(root, monkeypatch
     assert stored["tracking.uri"] == "https://***@mlflow:5000/?token=***"
     logged = " ".join(stored.values()) + capsys.readouterr().out
     assert "s3cret" not in logged and "t0k3n" not in logged
+
+
+def test_training_curves_go_to_the_train_section_and_throughput_to_system_metrics(tracker):
+    # The run page's layout follows from the keys (tests/test_browser.py checks the page itself).
+    run = tracker.training_run(Params())
+    curves = TrainingCurves(run)
+    row = {"loss": 0.5, "lr": 1e-3, "grad_norm": 2.0, "images_per_s": 64.0, "seconds": 1.25}
+    curves.log_metrics(row, 20)
+    stored = MlflowClient(tracker.uri).get_run(run.id).data.metrics
+    assert stored == {"train/loss": 0.5, "train/lr": 1e-3, "train/grad_norm": 2.0,
+                      "system/images_per_s": 64.0, "system/seconds": 1.25}
+    assert curves.last_step("loss") == 20  # training's resume check asks by its own name
+    assert run.last_step("loss") is None
 
 
 def test_last_step_is_the_largest_step_logged_for_that_metric(tracker):
