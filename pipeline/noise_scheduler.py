@@ -33,7 +33,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import TypeVar
 
@@ -42,6 +41,7 @@ from torch import Tensor
 
 from pipeline.config import (Params, PredictionType, Schedule, VarianceType,
                              beta_problem, check_choice, choices, zero_terminal_snr_problem)
+from pipeline.edm import EDM
 
 SCHEDULES = choices(Schedule)
 
@@ -219,6 +219,11 @@ class NoiseScheduler:
         alpha_bar = self.alpha_bar(t)
         return _broadcast(alpha_bar.sqrt(), like), _broadcast((1 - alpha_bar).sqrt(), like)
 
+    def draw_timesteps(self, n: int, generator: torch.Generator | None = None,
+                       device: str | torch.device = "cpu") -> Tensor:
+        """Training timesteps t ~ Uniform{0, ..., T-1} (DDPM Algorithm 1, line 3)."""
+        return torch.randint(self.num_timesteps, (n,), generator=generator, device=device)
+
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (DDPM eq. 4)."""
         signal, sigma = self._scales(t, x0)
@@ -271,6 +276,11 @@ class NoiseScheduler:
         return posterior_coefficients(self.alpha_bar(t), self.alpha_bar(t - 1), variance_type)[2]
 
 
-def build_scheduler(params: Params) -> NoiseScheduler:
-    """The forward process that params.diffusion describes (beside pipeline.unet.build_model)."""
-    return NoiseScheduler(**dataclasses.asdict(params.diffusion))
+def build_scheduler(params: Params) -> NoiseScheduler | EDM:
+    """The forward process that params.diffusion describes (beside pipeline.unet.build_model):
+    DDPM's, or EDM's (pipeline/edm.py) with diffusion.formulation: edm."""
+    d = params.diffusion
+    if d.formulation == "edm":
+        return EDM(d.sigma_data, d.sigma_min, d.sigma_max, d.p_mean, d.p_std)
+    return NoiseScheduler(d.num_timesteps, d.schedule, d.beta_start, d.beta_end, d.prediction_type,
+                          d.rescale_zero_terminal_snr)
