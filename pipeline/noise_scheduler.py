@@ -2,10 +2,10 @@
 
 :class:`NoiseScheduler` holds a variance schedule beta_t of the forward process
 q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) and what follows from it:
-alpha_t = 1 - beta_t and abar_t = prod_{s <= t} alpha_s. Training uses :meth:`add_noise` and
-:meth:`get_target`; sampling uses :meth:`predict_x0` / :meth:`predict_noise` and the posterior
-q(x_{t-1} | x_t, x_0). Two training options act on the noise and the loss: :func:`offset_noise` and
-:func:`min_snr_weights`.
+alpha_t = 1 - beta_t and abar_t = prod_{s <= t} alpha_s. Training uses :meth:`draw_timesteps`,
+:meth:`add_noise` and :meth:`get_target` (pipeline/edm.py's EDM offers the same three);
+sampling uses :meth:`predict_x0` / :meth:`predict_noise` and the posterior q(x_{t-1} | x_t, x_0).
+Two training options act on the noise and the loss: :func:`offset_noise` and :func:`min_snr_weights`.
 
 Timesteps are zero-based: index t in {0, ..., T-1} is step t + 1 of the DDPM paper. Index t = -1
 stands for the clean data (abar = 1), the level a sampler reaches after its last step.

@@ -12,6 +12,7 @@ from pipeline.edm import EDM
 from pipeline.inference import generate
 from pipeline.model_file import load_ema_model
 from pipeline.model_request import example_request, request_params
+from pipeline.noise_scheduler import NoiseScheduler
 from pipeline.sampler import Churn, sample
 from pipeline.training import train
 from test_sampler import X_STAR
@@ -97,6 +98,12 @@ def test_log_normal_noise_levels():
     assert inside == pytest.approx(one_sigma, abs=5 * math.sqrt(one_sigma * (1 - one_sigma) / n))
     # The time input is 250 ln(sigma) = 1000 c_noise.
     torch.testing.assert_close(t.double(), 250 * log_sigma, rtol=1e-6, atol=1e-4)
+
+
+def test_ddpm_draws_the_timesteps_it_always_drew():
+    """train_step draws through the scheduler now: for DDPM the draws of torch.randint(T) before."""
+    drawn = NoiseScheduler(50).draw_timesteps(1000, torch.Generator().manual_seed(4))
+    assert torch.equal(drawn, torch.randint(50, (1000,), generator=torch.Generator().manual_seed(4)))
 
 
 def oracle_network(y_of, sigma_data=SIGMA_DATA):
