@@ -8,6 +8,7 @@ import torch
 
 from pipeline import generate as generate_cli
 from pipeline.config import ParamsError, from_dict, sample_params
+from pipeline.data import ImageSet
 from pipeline.edm import EDM
 from pipeline.inference import generate
 from pipeline.model_file import load_ema_model
@@ -271,6 +272,22 @@ def test_interrupted_edm_training_resumes_exactly(tmp_path, variant):
     assert [m["loss"] for _, m in logger.metrics] == [m["loss"] for _, m in clean.metrics][1:]
     assert_same_weights(ema_weights(tmp_path / "clean"), ema_weights(tmp_path / "resumed"))
     assert clean.images == [("sample_grid", 3, (22, 22)), ("sample_grid", 6, (22, 22))]
+
+
+def test_edm_training_learns_a_single_image(tmp_path):
+    """Fitting one image: the loss falls from the untrained one (F = 0: E[target^2], near 1) to
+    a small fraction of it, and Heun draws the image from the trained EMA model."""
+    params = edm_params(train={"steps": 150, "lr": 0.005, "log_every": 10, "sample_every": 1000,
+                               "checkpoint_every": 1000, "warmup_steps": 5, "ema_decay": 0.9})
+    data = ImageSet(torch.full((1, 1, 8, 8), 200, dtype=torch.uint8), torch.zeros(1).long(), ("x",))
+    logger = Recorder()
+    train(params, data, tmp_path, logger)
+    first, last = logger.metrics[0][1]["loss"], logger.metrics[-1][1]["loss"]
+    assert first > 0.6 and last < 0.1
+    trained = load_ema_model(tmp_path / "ema.pt", torch.device("cpu"))
+    images, _ = generate(trained, sample_params({"method": "heun", "num_steps": 10,
+                                                 "num_images": 16}), progress=False)
+    assert (images.float() - 200).abs().mean() < 10
 
 
 @pytest.fixture(scope="module")
