@@ -33,6 +33,7 @@ class ParamsError(ValueError):
 
 # The choices of the params below, defined here once: the library accepts exactly these
 # (pipeline.noise_scheduler, pipeline.sampler and the CLIs read them through `choices`).
+Formulation = Literal["ddpm", "edm"]
 Schedule = Literal["linear", "scaled_linear", "cosine", "sigmoid", "exponential"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -94,12 +95,20 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class DiffusionParams:
+    # ddpm: the schedule below (pipeline/noise_scheduler.py); edm: Karras et al. 2022's
+    # preconditioning, noise levels and loss (pipeline/edm.py), set by the sigma_* and p_* keys.
+    formulation: Formulation = "ddpm"
     num_timesteps: int = spec(1000, low=1)
     schedule: Schedule = "linear"
     beta_start: float = spec(1e-4, low=0.0, high=1.0, low_open=True, high_open=True)
     beta_end: float = spec(0.02, low=0.0, high=1.0, low_open=True, high_open=True)
     prediction_type: PredictionType = "epsilon"
     rescale_zero_terminal_snr: bool = False  # Lin et al. 2023
+    sigma_data: float = spec(0.5, low=0.0, low_open=True)  # EDM: the data's standard deviation
+    sigma_min: float = spec(0.002, low=0.0, low_open=True)  # EDM: the samplers' noise range
+    sigma_max: float = spec(80.0, low=0.0, low_open=True, high=math.inf, high_open=True)
+    p_mean: float = -1.2  # EDM training: ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = spec(1.2, low=0.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -419,7 +428,10 @@ def _batch_problem(params: Params) -> str | None:
 
 
 def _step_problems(params: Params) -> Iterator[str]:
-    """A sampler visits each of the T training timesteps at most once (pipeline/sampler.py)."""
+    """A sampler visits each of the T training timesteps at most once (pipeline/sampler.py); an
+    EDM model has no timesteps but continuous noise levels."""
+    if params.diffusion.formulation == "edm":
+        return
     timesteps = params.diffusion.num_timesteps
     for key, steps in [("sample.num_steps", params.sample.num_steps),
                        ("train.grid_sampling_steps", params.train.grid_sampling_steps)]:
@@ -434,6 +446,41 @@ METHOD_KEYS = {"eta": ("ddim",), "variance_type": ("ddpm",), "s_churn": ("edm_st
                "s_tmin": ("edm_stochastic",), "s_tmax": ("edm_stochastic",),
                "s_noise": ("edm_stochastic",)}
 EDM_METHODS = ("heun", "edm_stochastic")
+
+
+# The keys that only one formulation reads (diffusion.formulation): the other would ignore a value
+# other than the default, or cannot run it.
+FORMULATION_KEYS = {
+    "ddpm": {"diffusion": ("num_timesteps", "schedule", "beta_start", "beta_end", "prediction_type",
+                           "rescale_zero_terminal_snr"),
+             "train": ("min_snr_gamma", "offset_noise"), "sample": ("timestep_spacing",)},
+    "edm": {"diffusion": ("sigma_data", "sigma_min", "sigma_max", "p_mean", "p_std")},
+}
+
+
+def _formulation_problems(params: Params) -> Iterator[str]:
+    """Settings that diffusion.formulation ignores or cannot run (pipeline/edm.py)."""
+    formulation = params.diffusion.formulation
+    for owner, sections in FORMULATION_KEYS.items():
+        if owner == formulation:
+            continue
+        for section, keys in sections.items():
+            values, defaults = getattr(params, section), getattr(Params(), section)
+            for key in keys:
+                value, default = getattr(values, key), getattr(defaults, key)
+                if value != default:
+                    yield (f"{section}.{key} = {value!r} is read by diffusion.formulation "
+                           f"{owner!r} only, and diffusion.formulation = {formulation!r} would "
+                           f"ignore it; set {section}.{key} back to {default!r} or choose that "
+                           "formulation")
+    d = params.diffusion
+    if formulation == "edm" and params.sample.method not in EDM_METHODS:
+        yield (f"sample.method = {params.sample.method!r} samples a DDPM's timesteps; "
+               f"diffusion.formulation = 'edm' trains a model of continuous noise levels, which "
+               f"sample.method {' or '.join(map(repr, EDM_METHODS))} samples; choose one of those")
+    if formulation == "edm" and d.sigma_min >= d.sigma_max:
+        yield (f"diffusion.sigma_min = {d.sigma_min!r} must be below diffusion.sigma_max = "
+               f"{d.sigma_max!r}: the samplers go from sigma_max down to sigma_min")
 
 
 def _sampler_problems(params: Params) -> Iterator[str]:
@@ -465,6 +512,7 @@ def _check_combinations(params: Params) -> None:
                                   d.num_timesteps, _diffusion_key),
         *_step_problems(params),
         *_sampler_problems(params),
+        *_formulation_problems(params),
         _batch_problem(params),
     ]
     problems = [p for p in problems if p]

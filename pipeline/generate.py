@@ -28,6 +28,7 @@ from pipeline.inference import generate, write_samples
 from pipeline.io import check_image_path, save_image
 from pipeline.model_file import TrainedModel, load_ema_model
 from pipeline.model_request import split_names
+from pipeline.noise_scheduler import NoiseScheduler
 
 # Each sampling option sets the sample.* key it names; errors say the option.
 OPTIONS = {"--method": "method", "--steps": "num_steps", "--eta": "eta", "--seed": "seed",
@@ -116,11 +117,12 @@ def run_cli(args: argparse.Namespace) -> None:
     p = checked_options(args)
     device = pick_device(args.device)
     trained = load_model(args.model, args.tracking_uri, device)
-    timesteps = trained.scheduler.num_timesteps
-    if args.num_steps is None:  # the default, for a model of fewer timesteps: all of them
-        p = dataclasses.replace(p, num_steps=min(p.num_steps, timesteps))
-    if p.num_steps > timesteps:
-        raise ValueError(f"--steps {p.num_steps}: more than the model's {timesteps} timesteps")
+    if isinstance(trained.scheduler, NoiseScheduler):  # an EDM model has no timesteps to count
+        timesteps = trained.scheduler.num_timesteps
+        if args.num_steps is None:  # the default, for a model of fewer timesteps: all of them
+            p = dataclasses.replace(p, num_steps=min(p.num_steps, timesteps))
+        if p.num_steps > timesteps:
+            raise ValueError(f"--steps {p.num_steps}: more than the model's {timesteps} timesteps")
     images, _ = generate(trained, p, num_images=args.num)
     save_image(grid_image(images), args.out)
     if args.out_dir:

@@ -101,12 +101,13 @@ def sampling_bf16(trained: TrainedModel, p: SampleParams, labels: torch.Tensor |
 
 def probe_forward(trained: TrainedModel, p: SampleParams, labels: torch.Tensor | None, n: int
                   ) -> Step:
-    """One forward pass of the first batch's shape, at the middle timestep, for the probe."""
+    """One forward pass of the first batch's shape, at a training timestep, for the probe."""
     model = trained.model
     device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(p.seed)
     x = torch.randn((n, model.in_channels, model.image_size, model.image_size),
-                    generator=torch.Generator(device).manual_seed(p.seed), device=device)
-    t = torch.full((n,), trained.scheduler.num_timesteps // 2, device=device)
+                    generator=generator, device=device)
+    t = trained.scheduler.draw_timesteps(n, generator, device)
     network = denoiser(model, labels[:n].to(device) if labels is not None else None,
                        p.guidance_scale)
 

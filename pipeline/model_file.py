@@ -23,6 +23,7 @@ import torch
 from pipeline.config import Params, from_dict, to_dict
 from pipeline.device import default_device
 from pipeline.io import load_torch, save_torch
+from pipeline.edm import EDM
 from pipeline.noise_scheduler import NoiseScheduler, build_scheduler
 from pipeline.unet import UNet, build_model
 
@@ -30,7 +31,7 @@ from pipeline.unet import UNet, build_model
 @dataclass(frozen=True)
 class TrainedModel:
     model: UNet
-    scheduler: NoiseScheduler
+    scheduler: NoiseScheduler | EDM  # its formulation: DDPM's or EDM's (diffusion.formulation)
     classes: tuple[str, ...]
     run_id: str | None  # the MLflow run of its training
     step: int

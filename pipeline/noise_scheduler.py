@@ -2,10 +2,10 @@
 
 :class:`NoiseScheduler` holds a variance schedule beta_t of the forward process
 q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) and what follows from it:
-alpha_t = 1 - beta_t and abar_t = prod_{s <= t} alpha_s. Training uses :meth:`add_noise` and
-:meth:`get_target`; sampling uses :meth:`predict_x0` / :meth:`predict_noise` and the posterior
-q(x_{t-1} | x_t, x_0). Two training options act on the noise and the loss: :func:`offset_noise` and
-:func:`min_snr_weights`.
+alpha_t = 1 - beta_t and abar_t = prod_{s <= t} alpha_s. Training uses :meth:`draw_timesteps`,
+:meth:`add_noise` and :meth:`get_target` (pipeline/edm.py's EDM offers the same three);
+sampling uses :meth:`predict_x0` / :meth:`predict_noise` and the posterior q(x_{t-1} | x_t, x_0).
+Two training options act on the noise and the loss: :func:`offset_noise` and :func:`min_snr_weights`.
 
 Timesteps are zero-based: index t in {0, ..., T-1} is step t + 1 of the DDPM paper. Index t = -1
 stands for the clean data (abar = 1), the level a sampler reaches after its last step.
@@ -33,7 +33,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import TypeVar
 
@@ -42,6 +41,7 @@ from torch import Tensor
 
 from pipeline.config import (Params, PredictionType, Schedule, VarianceType,
                              beta_problem, check_choice, choices, zero_terminal_snr_problem)
+from pipeline.edm import EDM
 
 SCHEDULES = choices(Schedule)
 
@@ -219,6 +219,11 @@ class NoiseScheduler:
         alpha_bar = self.alpha_bar(t)
         return _broadcast(alpha_bar.sqrt(), like), _broadcast((1 - alpha_bar).sqrt(), like)
 
+    def draw_timesteps(self, n: int, generator: torch.Generator | None = None,
+                       device: str | torch.device = "cpu") -> Tensor:
+        """Training timesteps t ~ Uniform{0, ..., T-1} (DDPM Algorithm 1, line 3)."""
+        return torch.randint(self.num_timesteps, (n,), generator=generator, device=device)
+
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (DDPM eq. 4)."""
         signal, sigma = self._scales(t, x0)
@@ -271,6 +276,11 @@ class NoiseScheduler:
         return posterior_coefficients(self.alpha_bar(t), self.alpha_bar(t - 1), variance_type)[2]
 
 
-def build_scheduler(params: Params) -> NoiseScheduler:
-    """The forward process that params.diffusion describes (beside pipeline.unet.build_model)."""
-    return NoiseScheduler(**dataclasses.asdict(params.diffusion))
+def build_scheduler(params: Params) -> NoiseScheduler | EDM:
+    """The forward process that params.diffusion describes (beside pipeline.unet.build_model):
+    DDPM's, or EDM's (pipeline/edm.py) with diffusion.formulation: edm."""
+    d = params.diffusion
+    if d.formulation == "edm":
+        return EDM(d.sigma_data, d.sigma_min, d.sigma_max, d.p_mean, d.p_std)
+    return NoiseScheduler(d.num_timesteps, d.schedule, d.beta_start, d.beta_end, d.prediction_type,
+                          d.rescale_zero_terminal_snr)

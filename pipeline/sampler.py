@@ -47,6 +47,10 @@ a large S may round two steps to the same level: that step is then a zero step (
 takes S - 1 Heun steps (2 evaluations each) and a last Euler step to sigma = 0, which lands on
 D itself (line 8 with t_N = 0): NFE = 2 S - 1. "edm_stochastic" adds noise before each step
 whose sigma is in [s_tmin, s_tmax] (lines 4-6); with s_churn = 0 it is "heun", draw for draw.
+A model of EDM's own formulation (pipeline/edm.py) is the same sampler on continuous sigmas: eq.
+5's between its sigma_min and sigma_max, not rounded, and D(x; sigma) its preconditioned network
+(eq. 7, :meth:`EDM.predict_x0` at the network input c_in x). DDPM, DDIM and DPM-Solver++ need
+the timesteps of a NoiseScheduler and refuse it.
 
 Classifier-free guidance (Ho & Salimans 2022) wraps a class-conditional model into the
 ``model(x_t, t)`` that the samplers take (:func:`guided`); :func:`drop_labels` is its training side.
@@ -82,6 +86,7 @@ from torch import Tensor
 
 from pipeline.config import (EDM_METHODS, SamplingMethod, TimestepSpacing, VarianceType, check_choice,
                              choices)
+from pipeline.edm import EDM
 from pipeline.noise_scheduler import NoiseScheduler, posterior_coefficients
 from pipeline.progress import progress_bar
 
@@ -218,10 +223,38 @@ def edm_timesteps(scheduler: NoiseScheduler, num_steps: int) -> list[int]:
     return [nearest_level(levels, sigma) for sigma in edm_sigmas(levels[0], levels[-1], num_steps)]
 
 
-def _x0_hat(model: Callable[..., Tensor], scheduler: NoiseScheduler, x_t: Tensor, t: int,
-            x0_last: Tensor, clip_sample: bool, self_condition: bool) -> Tensor:
+class Levels(NamedTuple):
+    """What the EDM samplers need of a model: its sigmas and how its network reads a level."""
+
+    sigmas: list[float]  # the steps' sigmas (eq. 5), descending, without the final sigma = 0
+    round_sigma: Callable[[float], float]  # the level the model knows nearest to a sigma
+    network_input: Callable[[Tensor, float], tuple[Tensor, int | float]]  # (x, sigma) -> (x_t, t)
+
+
+def vp_levels(scheduler: NoiseScheduler, num_steps: int) -> Levels:
+    """A DDPM model's: its trained levels (edm_timesteps), the input x_vp = x / sqrt(1 + sigma^2)
+    at the timestep of that level (Table 1, VP)."""
+    levels = level_sigmas(scheduler)
+    timestep = {sigma: t for t, sigma in enumerate(levels)}
+    return Levels([levels[t] for t in edm_timesteps(scheduler, num_steps)],
+                  lambda sigma: levels[nearest_level(levels, sigma)],
+                  lambda x, sigma: (x / math.sqrt(1 + sigma**2), timestep[sigma]))
+
+
+def edm_levels(edm: EDM, num_steps: int) -> Levels:
+    """An EDM model's: eq. 5's sigmas in [sigma_min, sigma_max], any sigma, the input c_in x."""
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
+    return Levels(edm_sigmas(edm.sigma_min, edm.sigma_max, num_steps), lambda sigma: sigma,
+                  lambda x, sigma: (x * edm.preconditioning(sigma)[2], edm.timestep(sigma)))
+
+
+def _x0_hat(model: Callable[..., Tensor], scheduler: NoiseScheduler | EDM, x_t: Tensor,
+            t: int | float, x0_last: Tensor, clip_sample: bool, self_condition: bool) -> Tensor:
     """The model's prediction of the clean image at (x_t, t), clipped to [-1, 1] when asked."""
-    t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+    # A DDPM's timestep is an index (int), an EDM model's a float (pipeline/edm.py).
+    dtype = torch.long if isinstance(t, int) else torch.float32
+    t_batch = torch.full((x_t.shape[0],), t, dtype=dtype, device=x_t.device)
     output = model(x_t, t_batch, x_self_cond=x0_last) if self_condition else model(x_t, t_batch)
     x0 = scheduler.predict_x0(output, x_t, t)
     return x0.clamp(-1.0, 1.0) if clip_sample else x0
@@ -230,7 +263,7 @@ def _x0_hat(model: Callable[..., Tensor], scheduler: NoiseScheduler, x_t: Tensor
 @torch.inference_mode()
 def sample(
     model: Callable[..., Tensor],
-    scheduler: NoiseScheduler,
+    scheduler: NoiseScheduler | EDM,
     shape: Sequence[int],
     *,
     method: str = "ddpm",
@@ -252,12 +285,13 @@ def sample(
         model: ``model(x_t, t)`` with t a long tensor of shape [batch], returning the prediction of
             ``scheduler.prediction_type``; ``model(x_t, t, x_self_cond=x0_hat)`` with
             ``self_condition``.
-        scheduler: the forward process the model was trained with.
+        scheduler: the forward process the model was trained with: a NoiseScheduler, or an EDM
+            formulation (methods "heun" and "edm_stochastic" only).
         shape: shape of the batch of samples, e.g. (n, channels, height, width).
         method: "ddpm" (ancestral), "ddim", "dpmpp_2m" (DPM-Solver++(2M), deterministic), "heun"
             (EDM Algorithm 1, deterministic) or "edm_stochastic" (EDM Algorithm 2).
-        num_steps: number of steps S, 1 <= S <= T; None means T. The model is evaluated S times,
-            2 S - 1 times by "heun" and "edm_stochastic".
+        num_steps: number of steps S, 1 <= S <= T; None means T (an EDM model has no T and
+            needs S). The model is evaluated S times, 2 S - 1 times by "heun" and "edm_stochastic".
         eta: DDIM stochasticity in [0, 1]: 0 is deterministic, 1 is DDPM. Used by "ddim" only.
         timestep_spacing: which S timesteps to visit, see :func:`timesteps`; the EDM samplers
             visit those of :func:`edm_timesteps` instead.
@@ -285,12 +319,19 @@ def sample(
     if churn.s_churn > 0 and method != "edm_stochastic":
         raise ValueError(f"s_churn = {churn.s_churn!r} is used by method 'edm_stochastic' only; "
                          f"method {method!r} would ignore it")
+    edm = isinstance(scheduler, EDM)
+    if edm and method not in EDM_METHODS:
+        raise ValueError(f"method {method!r} walks a DDPM's timesteps; an EDM model has continuous "
+                         f"noise levels: use {' or '.join(map(repr, EDM_METHODS))}")
     if num_steps is None:
+        if edm:
+            raise ValueError("num_steps is needed for an EDM model: it has no timesteps to count")
         num_steps = scheduler.num_timesteps
     x0_hat = partial(_x0_hat, model, scheduler, clip_sample=clip_sample, self_condition=self_condition)
     if method in EDM_METHODS:
-        steps = edm_timesteps(scheduler, num_steps)
-        run = partial(_edm_steps, x0_hat, level_sigmas(scheduler), churn=churn)
+        levels = edm_levels(scheduler, num_steps) if edm else vp_levels(scheduler, num_steps)
+        steps = levels.sigmas
+        run = partial(_edm_steps, x0_hat, levels, churn=churn)
     else:
         steps = timesteps(scheduler.num_timesteps, num_steps, timestep_spacing)
         # Levels as Python floats: the per-step coefficients are then plain float arithmetic.
@@ -323,36 +364,35 @@ def _vp_steps(x0_hat: Callable[..., Tensor], updates: list[Update], x: Tensor, s
         yield x, x0
 
 
-def _edm_steps(x0_hat: Callable[..., Tensor], levels: list[float], noise: Tensor, steps: list[int],
+def _edm_steps(x0_hat: Callable[..., Tensor], levels: Levels, noise: Tensor, sigmas: list[float],
                generator: torch.Generator | None, churn: Churn) -> Iterator[tuple[Tensor, Tensor]]:
     """EDM Algorithm 2 (Algorithm 1 without churn) from the noise: (x, D of the step's first
-    evaluation) after each step, x in the variance-exploding form (x_vp = sqrt(abar) x)."""
+    evaluation) after each step, x in the variance-exploding form (x = x0 + sigma noise)."""
     last = torch.zeros_like(noise)  # the self-conditioning input: the previous evaluation's D
 
-    def denoise(x: Tensor, t: int) -> Tensor:
-        # D(x; sigma_t) = x0_hat at x_vp = x / sqrt(1 + sigma_t^2) = sqrt(abar_t) x (Table 1, VP).
+    def denoise(x: Tensor, sigma: float) -> Tensor:
+        # D(x; sigma): the model's x0_hat at its own input for x (Levels.network_input).
         nonlocal last
-        last = x0_hat(x / math.sqrt(1 + levels[t] ** 2), t, last)
+        last = x0_hat(*levels.network_input(x, sigma), last)
         return last
 
-    x = levels[steps[0]] * noise  # line 2: x_0 ~ N(0, t_0^2 I)
-    for i, t in enumerate(steps):
-        sigma = levels[t]
-        gamma = churn.gamma(sigma, len(steps))
-        if gamma > 0:  # lines 5-6, with t_hat rounded to a trained level like every sigma
-            t = nearest_level(levels, sigma * (1 + gamma))
-            extra = math.sqrt(levels[t] ** 2 - sigma**2) * churn.s_noise
+    x = sigmas[0] * noise  # line 2: x_0 ~ N(0, t_0^2 I)
+    for i, sigma in enumerate(sigmas):
+        sigma_hat = sigma
+        gamma = churn.gamma(sigma, len(sigmas))
+        if gamma > 0:  # lines 5-6, with t_hat rounded to a level of the model like every sigma
+            sigma_hat = levels.round_sigma(sigma * (1 + gamma))
+            extra = math.sqrt(sigma_hat**2 - sigma**2) * churn.s_noise
             x = x + extra * torch.randn(x.shape, generator=generator, device=x.device)
-        sigma_hat = levels[t]
-        x0 = denoise(x, t)
-        if i == len(steps) - 1:  # line 8 with t_N = 0: x_N = x_hat - t_hat (x_hat - D) / t_hat = D
+        x0 = denoise(x, sigma_hat)
+        if i == len(sigmas) - 1:  # line 8 with t_N = 0: x_N = x_hat - t_hat (x_hat - D) / t_hat = D
             yield x0, x0
             return
-        t_next = steps[i + 1]
+        sigma_next = sigmas[i + 1]
         slope = (x - x0) / sigma_hat  # line 7: d_i = (x_hat - D(x_hat; t_hat)) / t_hat
-        x_next = x + (levels[t_next] - sigma_hat) * slope  # line 8, the Euler step
-        slope_next = (x_next - denoise(x_next, t_next)) / levels[t_next]  # line 10
-        x = x + (levels[t_next] - sigma_hat) * (slope + slope_next) / 2  # line 11, Heun's correction
+        x_next = x + (sigma_next - sigma_hat) * slope  # line 8, the Euler step
+        slope_next = (x_next - denoise(x_next, sigma_next)) / sigma_next  # line 10
+        x = x + (sigma_next - sigma_hat) * (slope + slope_next) / 2  # line 11, Heun's correction
         yield x, x0
 
 

@@ -2,7 +2,9 @@
 
 Each step draws a batch, a uniform timestep t and Gaussian noise per image, and regresses the
 model output on the scheduler's target (DDPM, Ho et al. 2020, Algorithm 1 and eq. 14, "L_simple";
-the target is the noise, x0 or v depending on the prediction type). AdamW (Loshchilov & Hutter
+the target is the noise, x0 or v depending on the prediction type), or, with
+`diffusion.formulation: edm`, a log-normal noise level and EDM's preconditioned target (Karras et
+al. 2022, eq. 8; pipeline/edm.py), which stand in for the scheduler's. AdamW (Loshchilov & Hutter
 2019) with a linear learning-rate warm-up then cosine decay; the global gradient norm is clipped;
 an EMA of the weights (pipeline/ema.py) is what gets sampled and saved. In bf16 precision the
 forward pass runs under bf16 autocast; `train.precision: auto` on a CPU times a few steps both ways
@@ -47,6 +49,7 @@ from pipeline.config import Params, TrainParams, to_dict
 from pipeline.data import ImageSet, grid_image, to_model_range, to_uint8
 from pipeline.device import Step, choose_precision, default_device
 from pipeline.distributed import World
+from pipeline.edm import EDM
 from pipeline.ema import EMA
 from pipeline.io import atomic_path
 from pipeline.logger import Logger, Relay
@@ -100,14 +103,16 @@ def fingerprint(params: Params, data: ImageSet, processes: int = 1) -> str:
     return digest.hexdigest()
 
 
-def sample_grid(model: UNet, scheduler: NoiseScheduler, p: TrainParams, classes: int,
+def sample_grid(model: UNet, scheduler: NoiseScheduler | EDM, p: TrainParams, classes: int,
                 device: torch.device) -> Image.Image:
-    """A grid of p.grid_images samples with fixed noise (the same every call): DDIM, 0 eta."""
+    """A grid of p.grid_images samples with fixed noise (the same every call): DDIM, 0 eta, or
+    Heun for an EDM model (which DDIM cannot sample)."""
     generator = torch.Generator(device).manual_seed(p.seed)
     labels = class_labels(model, p.grid_images, classes, generator, device)
     model.eval()
+    method = "heun" if isinstance(scheduler, EDM) else "ddim"
     x = sample(model_fn(model, labels), scheduler, (p.grid_images, model.in_channels,
-               model.image_size, model.image_size), method="ddim",
+               model.image_size, model.image_size), method=method,
                num_steps=p.grid_sampling_steps,
                timestep_spacing="trailing", generator=generator, device=device,
                self_condition=model.self_condition)
@@ -339,11 +344,12 @@ class NewStepsOnly(Relay):
             self.logger.log_image(image, key, step)
 
 
-def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Optimizer,
+def train_step(model: UNet, scheduler: NoiseScheduler | EDM, optimizer: torch.optim.Optimizer,
                x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
                p: TrainParams, bf16: bool = False, shard: slice = slice(None)
                ) -> tuple[float, float]:
-    """One optimiser step on L_simple; returns (loss, gradient norm before clipping).
+    """One optimiser step on L_simple (EDM's eq. 8 for an EDM `scheduler`); returns (loss,
+    gradient norm before clipping).
 
     The options of `p` (0 = off; each draws from `generator` only when on): labels dropped to
     the null class with probability p.cond_drop_prob, Min-SNR-gamma loss weights, offset noise of
@@ -352,7 +358,7 @@ def train_step(model: UNet, scheduler: NoiseScheduler, optimizer: torch.optim.Op
     The random draws cover the whole batch x0; the step trains on its part `shard` (this rank's,
     under DistributedDataParallel `model`, which averages the gradients of the ranks).
     """
-    t = torch.randint(scheduler.num_timesteps, (len(x0),), generator=generator, device=x0.device)
+    t = scheduler.draw_timesteps(len(x0), generator, x0.device)  # EDM: ln(sigma) ~ N (pipeline/edm.py)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     if p.offset_noise > 0:
         noise = offset_noise(noise, p.offset_noise, generator)

@@ -163,8 +163,10 @@ ACCEPTS = {
     ("sample", "variance_type"): lambda v: noise_scheduler.posterior_coefficients(0.5, 0.9, v),
 }
 # Choices that only the config checks, read by the code as flags: train.precision and
-# sample.precision (pipeline.device.fixed_precision), preprocess.on_bad_image (pipeline.data.BadImages).
-FLAGS = {("train", "precision"), ("sample", "precision"), ("preprocess", "on_bad_image")}
+# sample.precision (pipeline.device.fixed_precision), preprocess.on_bad_image (pipeline.data.BadImages),
+# diffusion.formulation (pipeline.noise_scheduler.build_scheduler).
+FLAGS = {("train", "precision"), ("sample", "precision"), ("preprocess", "on_bad_image"),
+         ("diffusion", "formulation")}
 
 
 def test_every_choice_of_the_config_is_taken_by_the_library_or_a_flag():
