@@ -166,7 +166,7 @@ def closed_port() -> int:
      "--model models:/no-such-model/latest: Registered Model with name=no-such-model not found"),
     (["--model", f"models:/{NAME}/7"], f"--model models:/{NAME}/7: "),
     (["--model", "runs:/0123456789abcdef/model"], "--model runs:/0123456789abcdef/model: Run"),
-    (["--model", "nowhere/ema.safetensors"], "--model nowhere/ema.pt: no such file"),
+    (["--model", "nowhere/ema.safetensors"], "--model nowhere/ema.safetensors: no such file"),
     (["--model", f"models:/{NAME}/1", "--tracking-uri", "http://127.0.0.1:PORT"],
      "MLflow tracking store http://127.0.0.1:PORT is unreachable"),
     (["--model", f"models:/{NAME}/1", "--tracking-uri", "sqlite:///TMP/missing.db"],
