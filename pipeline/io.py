@@ -112,7 +112,10 @@ def load_torch(path: str | Path) -> Any:
     CorruptFileError for a file that is truncated or not a tensor file at all.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # A handle, not the path: torch.load reads a path ending in .safetensors as safetensors,
+        # and a torch file is a torch file whatever its name.
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as err:

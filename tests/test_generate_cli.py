@@ -231,7 +231,7 @@ def test_a_crafted_pickle_in_place_of_the_registered_weights_is_refused(store, t
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith(f"generate: error: --model models:/{NAME}/1: ")
-    assert re.search(r"ema\.pt: refused to load: it holds pickled Python objects, not only "
+    assert re.search(r"ema\.safetensors: refused to load: it holds pickled Python objects, not only "
                      r"tensors, and loading it could run arbitrary code \(.*posix\.system", error)
     assert not marker.exists() and not (tmp_path / "grid.png").exists()
     crafted = tmp_path / "crafted.pt"
@@ -326,3 +326,19 @@ def test_an_unwritable_out_folder_is_named_before_any_sampling(store, tmp_path, 
         main(["--model", str(store.ema), "--out", str(folder / "grid.png")])
     assert str(exit.value.code) == (f"generate: error: --out {folder / 'grid.png'}: cannot write "
                                     f"there ({folder} is not a writable folder)")
+
+
+def test_the_export_reads_a_registered_model_as_the_generator_does(store, tmp_path):
+    """pipeline.export resolves --model with the generator's open_model: the registered model's
+    export holds the same weights as the local file's."""
+    from safetensors.torch import load_file
+
+    from pipeline import export
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", store.uri)
+        export.main(["--model", f"models:/{NAME}/2", "--out", str(tmp_path / "registry")])
+    export.main(["--model", str(store.ema), "--out", str(tmp_path / "local")])
+    registry, local = (load_file(tmp_path / folder / "unet/diffusion_pytorch_model.safetensors")
+                       for folder in ("registry", "local"))
+    assert registry.keys() == local.keys() and all(torch.equal(registry[k], local[k]) for k in local)
+    assert f"- exported from: `models:/{NAME}/2`" in (tmp_path / "registry/README.md").read_text()
