@@ -35,16 +35,20 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m pipeline.export",
                       description="Export a trained simple-diffusion model to a diffusers folder.")
     p.add_argument("--model", required=True,
-                   help=f"models:/NAME/VERSION (or latest), runs:/RUN_ID/PATH, or a local {EMA_FILE}")
+                   help="models:/NAME/VERSION (or latest), runs:/RUN_ID/PATH, or a local "
+                        f"{EMA_FILE}")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="the folder to write; it must not exist yet (or be empty)")
     # The DDPM sampler's sample.* params, which the model file does not hold: the scheduler's.
     p.add_argument("--timestep-spacing", choices=choices(TimestepSpacing),
-                   default=defaults.timestep_spacing, help=f"({defaults.timestep_spacing})")
+                   default=defaults.timestep_spacing,
+                   help=f"the scheduler's timestep spacing ({defaults.timestep_spacing})")
     p.add_argument("--variance-type", choices=choices(VarianceType),
-                   default=defaults.variance_type, help=f"({defaults.variance_type})")
+                   default=defaults.variance_type,
+                   help=f"the DDPM reverse-step variance ({defaults.variance_type})")
     p.add_argument("--clip-sample", action=argparse.BooleanOptionalAction,
-                   default=defaults.clip_sample, help="clip x0 to [-1, 1] at every step")
+                   default=defaults.clip_sample,
+                   help=f"clip x0 to [-1, 1] at every step ({defaults.clip_sample})")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow store of models:/ and runs:/ URIs, and of the run's metrics "
                         "(MLFLOW_TRACKING_URI, else the project's mlflow.db)")
@@ -105,8 +109,8 @@ def model_card(saved: ModelFile, source: str, metrics: dict[str, float]) -> str:
     conditional = p.model.num_classes > 0
     lines = [
         "---", "library_name: diffusers",
-        "tags: [ddpm, simple-diffusion, "
-        + ("class-conditional-image-generation]" if conditional else "unconditional-image-generation]"),
+        f"tags: [ddpm, simple-diffusion, {'class-conditional' if conditional else 'unconditional'}"
+        "-image-generation]",
         "---", "", "# A simple-diffusion DDPM, exported to diffusers", "",
         f"Trained by simple-diffusion for {saved.step} steps on "
         f"{size}x{size} images with {channels} channel{'s' if channels > 1 else ''}, of the "
@@ -123,7 +127,8 @@ def model_card(saved: ModelFile, source: str, metrics: dict[str, float]) -> str:
         f"- UNet: {json.dumps(dataclasses.asdict(p.model))}", "", "## Metrics", "",
     ]
     if metrics:
-        lines += ["Of the MLflow run, the last value of each:", "", "| metric | value |", "|---|---|"]
+        lines += ["Of the MLflow run, the last value of each:", "",
+                  "| metric | value |", "|---|---|"]
         lines += [f"| `{key}` | {value:.6g} |" for key, value in sorted(metrics.items())]
     else:
         lines += ["Not known here: the MLflow run was not found in the store the export read."]
@@ -145,7 +150,8 @@ def loading_example(conditional: bool, size: int, steps: int) -> list[str]:
     return ["import torch",
             "from diffusers import DDPMScheduler, UNet2DModel",
             'unet = UNet2DModel.from_pretrained("PATH/TO/THIS/FOLDER", subfolder="unet")',
-            'scheduler = DDPMScheduler.from_pretrained("PATH/TO/THIS/FOLDER", subfolder="scheduler")',
+            'scheduler = DDPMScheduler.from_pretrained("PATH/TO/THIS/FOLDER",',
+            '                                          subfolder="scheduler")',
             f"scheduler.set_timesteps({steps})",
             "generator = torch.Generator().manual_seed(0)",
             "labels = torch.zeros(16, dtype=torch.long)  # 16 images of the first class",

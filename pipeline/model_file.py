@@ -1,4 +1,5 @@
-"""The trained-model file, ema.safetensors: the EMA weights with what rebuilds and samples the model.
+"""The trained-model file, ema.safetensors: the EMA weights, with what rebuilds and samples the
+model.
 
 Written by the train stage (pipeline.training), read by the sample and evaluate stages, the
 generate CLI, the export to diffusers (pipeline/export.py) and the MLflow model
