@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.flops import flops_per_image, matmul_flops_per_s
-from bench.models import configs, head_mismatch, parameter_counts
+from bench.models import configs, parameter_counts
 from bench.pipeline_times import pipeline_figures
 from pipeline.config import to_dict
 from pipeline.device import default_device, fixed_precision
@@ -148,11 +148,9 @@ def main() -> None:
         entry = {"model": to_dict(config.params)["model"],
                  "image_size": config.params.preprocess.image_size,
                  "channels": config.params.preprocess.channels,
-                 "parameters": counts, "architecture_difference": head_mismatch(config.params),
-                 "tasks": {}}
+                 "parameters": counts, "tasks": {}}
         print(f"{name}: parameters project {counts['project']:,}, reference "
-              f"{counts['reference']:,}" + (f" ({entry['architecture_difference']})"
-                                            if entry["architecture_difference"] else ""))
+              f"{counts['reference']:,}")
         for task, task_precisions in precisions(args.precision, config.params, device).items():
             if task not in args.tasks.split(","):
                 continue

@@ -3,9 +3,10 @@
     python -m pipeline.generate --model models:/simple-diffusion/latest --num 64 --out grid.png
 
 MODEL is a registered model (models:/NAME/VERSION or latest), a run's logged model
-(runs:/RUN_ID/model) or a local ema.pt. Of an MLflow model only the weights file is read, through
-pipeline.model_file: a model is never unpickled, so a crafted file cannot run code. The options
---method, --steps, ... set the sample.* params they name (pipeline.inference draws the images).
+(runs:/RUN_ID/model) or a local ema.safetensors. Of an MLflow model only the weights file is read,
+through pipeline.model_file: a model is never unpickled, so a crafted file cannot run code. The
+options --method, --steps, ... set the sample.* params they name (pipeline.inference draws the
+images).
 Bad options, models and output paths are one-line errors, found before any sampling.
 """
 
@@ -15,8 +16,10 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import yaml
@@ -26,7 +29,7 @@ from pipeline.data import grid_image
 from pipeline.device import default_device
 from pipeline.inference import generate, write_samples
 from pipeline.io import check_image_path, save_image
-from pipeline.model_file import TrainedModel, load_ema_model
+from pipeline.model_file import EMA_FILE, TrainedModel, load_ema_model
 from pipeline.model_request import split_names
 from pipeline.noise_scheduler import NoiseScheduler
 
@@ -34,19 +37,24 @@ from pipeline.noise_scheduler import NoiseScheduler
 OPTIONS = {"--method": "method", "--steps": "num_steps", "--eta": "eta", "--seed": "seed",
            "--guidance": "guidance_scale", "--classes": "classes", "--batch-size": "batch_size"}
 MLFLOW_SCHEMES = ("models:/", "runs:/")
+T = TypeVar("T")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not argparse's usage block
-        self.exit(2, f"generate: error: {message} (see --help)\n")
+class OneLineParser(argparse.ArgumentParser):
+    """Bad syntax is one line, `NAME: error: ...`, NAME the module of `prog`, not argparse's usage
+    block."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog.rsplit('.', 1)[-1]}: error: {message} (see --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
     defaults = SampleParams()
-    p = _Parser(prog="python -m pipeline.generate",
+    p = OneLineParser(prog="python -m pipeline.generate",
                 description="Generate images with a trained simple-diffusion model.")
     p.add_argument("--model", required=True,
-                   help="models:/NAME/VERSION (or latest), runs:/RUN_ID/PATH, or a local ema.pt")
+                   help="models:/NAME/VERSION (or latest), runs:/RUN_ID/PATH, or a local "
+                        f"{EMA_FILE}")
     p.add_argument("--num", type=int, metavar="N", default=64, help="number of images (64)")
     p.add_argument("--out", type=Path, required=True, metavar="PNG", help="grid of all images")
     p.add_argument("--out-dir", type=Path, metavar="DIR",
@@ -83,10 +91,10 @@ def fetch_weights(model: str, uri: str | None, folder: Path) -> Path:
     model downloaded into `folder`."""
     if not model.startswith(MLFLOW_SCHEMES):
         if not Path(model).is_file():
-            raise ValueError(f"--model {model}: no such file; give a local ema.pt, "
+            raise ValueError(f"--model {model}: no such file; give a local {EMA_FILE}, "
                              "models:/NAME/VERSION or runs:/RUN_ID/PATH")
         return Path(model)
-    # Imported here: MLflow takes seconds to import, and a local ema.pt needs none of it.
+    # Imported here: MLflow takes seconds to import, and a local file needs none of it.
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
     from pipeline.tracking import check_readable, global_tracking_uri, quiet_mlflow, tracking_uri
@@ -147,14 +155,20 @@ def checked_options(args: argparse.Namespace) -> SampleParams:
 
 
 def load_model(model: str, tracking_uri: str | None, device: torch.device) -> TrainedModel:
+    return open_model(model, tracking_uri, partial(load_ema_model, device=device))
+
+
+def open_model(model: str, tracking_uri: str | None, read: Callable[[Path], T]) -> T:
+    """`read` applied to the weights file that `model` names (fetch_weights); a file that is not
+    a model file is a ValueError naming `model`."""
     with tempfile.TemporaryDirectory(prefix="generate-") as folder:
         weights = fetch_weights(model, tracking_uri, Path(folder))
         try:
-            return load_ema_model(weights, device)
+            return read(weights)
         except ValueError as err:  # UnsafeFileError, CorruptFileError, ParamsError
             raise ValueError(f"--model {model}: {err}") from None
         except KeyError as err:
-            raise ValueError(f"--model {model}: not an EMA model file (the ema.pt of the "
+            raise ValueError(f"--model {model}: not an EMA model file (the {EMA_FILE} of the "
                              f"train stage): it has no {err}") from None
 
 

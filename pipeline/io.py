@@ -8,7 +8,8 @@ the old file or the whole new one.
 
 Tensor files are read with `torch.load(..., weights_only=True)`, which unpickles only tensors and
 plain containers. A file that holds other pickled objects (which could run code when loaded, e.g.
-a crafted checkpoint) is refused with `UnsafeFileError`.
+a crafted checkpoint) is refused with `UnsafeFileError`. What the project writes for others (the
+trained model's weights) is a safetensors file instead: tensors and string metadata, no pickle.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import contextlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import safetensors
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -58,6 +62,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a new temporary folder beside `path`; move it onto `path` only if the block succeeds,
+    so a failure leaves nothing half-written. `path` must not exist, or be an empty folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    try:
+        yield tmp
+        for inside in sorted(tmp.rglob("*"), reverse=True):  # files before their folders
+            fsync(inside)
+        fsync(tmp)
+        os.rename(tmp, path)
+        fsync(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def temp_file_beside(path: Path) -> Path:
     """A new empty file in `path`'s folder (made if missing), named after `path`, with the usual
     permissions (mkstemp's are 0600)."""
@@ -89,7 +112,10 @@ def load_torch(path: str | Path) -> Any:
     CorruptFileError for a file that is truncated or not a tensor file at all.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # A handle, not the path: torch.load reads a path ending in .safetensors as safetensors,
+        # and a torch file is a torch file whatever its name.
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as err:
@@ -102,6 +128,25 @@ def load_torch(path: str | Path) -> Any:
     except Exception as err:  # torch reports damage as RuntimeError, EOFError, KeyError, ...
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CorruptFileError(f"{path}: not a readable tensor file ({reason})") from None
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                     path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (on the CPU) and the metadata of a safetensors file; CorruptFileError for a
+    file that is truncated or not a safetensors file."""
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # SafetensorError, and OSError for a folder
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({reason})") from None
 
 
 def save_json(obj: Any, path: str | Path) -> None:

@@ -21,7 +21,7 @@ with a checkpoint (`Interrupted`); a non-finite loss stops it before anything is
 (`NonFiniteLoss`). Metrics and sample grids go to a `Logger` (pipeline/logger.py; the MLflow run
 of pipeline/tracking.py is one), so this module never touches MLflow; steps that the logger
 already holds, from a run killed after its last checkpoint, are not logged twice. The EMA
-weights are saved as pipeline/model_file.py's ema.pt.
+weights are saved as pipeline/model_file.py's ema.safetensors.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from pipeline.edm import EDM
 from pipeline.ema import EMA
 from pipeline.io import atomic_path
 from pipeline.logger import Logger, Relay
-from pipeline.model_file import save_ema_model
+from pipeline.model_file import EMA_FILE, save_ema_model
 from pipeline.noise_scheduler import NoiseScheduler, build_scheduler, min_snr_weights, offset_noise
 from pipeline.sampler import drop_labels, model_fn, sample
 from pipeline.unet import UNet, build_model
@@ -131,7 +131,7 @@ def class_labels(model: UNet, n: int, classes: int, generator: torch.Generator,
 def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
           run_id: str | None = None, world: World | None = None,
           checkpoints: Checkpoints | None = None) -> TrainState:
-    """Train on `data`, writing out_dir/ema.pt; return the final state.
+    """Train on `data`, writing out_dir/ema.safetensors; return the final state.
 
     Checkpoints go to `checkpoints` (default: this run's folder under out_dir/checkpoints; see
     pipeline/checkpoint.py), and training resumes from the newest checkpoint of the same params
@@ -197,7 +197,7 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
             if signum:
                 raise Interrupted(signum, state.step)
     if world.is_main:
-        save_ema_model(out_dir / "ema.pt", params, ema_weights(model, ema), data.classes, run_id,
+        save_ema_model(out_dir / EMA_FILE, params, ema_weights(model, ema), data.classes, run_id,
                        state.step)
     return state
 

@@ -16,9 +16,10 @@ REFERENCE_SET = Path("outputs/preprocess/reference.pt")  # the held-out images e
 CLASSIFIER = Path("outputs/classifier/model.pt")
 CLASSIFIER_METRICS = Path("outputs/classifier/metrics.json")
 
-# train: pipeline.training.train writes ema.pt into the folder it is given
+# train: pipeline.training.train writes ema.safetensors (model_file.EMA_FILE) into the folder it
+# is given
 TRAIN_DIR = Path("outputs/train")
-EMA_MODEL = TRAIN_DIR / "ema.pt"
+EMA_MODEL = TRAIN_DIR / "ema.safetensors"
 TRAIN_METRICS = TRAIN_DIR / "metrics.json"
 HISTORY = TRAIN_DIR / "history.csv"
 LOSS_CURVE = TRAIN_DIR / "loss.png"

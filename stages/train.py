@@ -1,6 +1,6 @@
 """DVC stage `train`: train the diffusion model, logging to MLflow; write the EMA weights.
 
-Outputs: outputs/train/ema.pt (EMA weights + what rebuilds the model), metrics.json and
+Outputs: outputs/train/ema.safetensors (EMA weights + what rebuilds the model), metrics.json and
 history.csv (DVC metrics and plots). Checkpoints go to checkpoints/<run> in the main repository,
 outside DVC's outputs (stages/paths.py): an interrupted run, also under `dvc exp run`, resumes
 from them in the same MLflow run. SIGINT/SIGTERM write a checkpoint, mark the MLflow run KILLED

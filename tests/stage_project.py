@@ -12,6 +12,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.data import ImageSet
+from pipeline.model_file import read_model_file
+from stages.paths import EMA_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,6 +84,6 @@ def result(project: Path) -> dict:
     newest = max((project / "checkpoints").glob("*/*.pt"))
     history = client.get_metric_history(runs[0].info.run_id, "train/loss")
     return {"model": torch.load(newest, weights_only=True)["model"],
-            "ema": torch.load(project / "outputs/train/ema.pt", weights_only=True)["weights"],
+            "ema": read_model_file(project / EMA_MODEL).weights,
             "loss": sorted((m.step, m.value) for m in history),
             "status": runs[0].info.status}

@@ -11,7 +11,7 @@ from pipeline.config import ParamsError, from_dict, sample_params
 from pipeline.data import ImageSet
 from pipeline.edm import EDM
 from pipeline.inference import generate
-from pipeline.model_file import load_ema_model
+from pipeline.model_file import EMA_FILE, load_ema_model
 from pipeline.model_request import example_request, request_params
 from pipeline.noise_scheduler import NoiseScheduler
 from pipeline.sampler import Churn, sample
@@ -284,7 +284,7 @@ def test_edm_training_learns_a_single_image(tmp_path):
     train(params, data, tmp_path, logger)
     first, last = logger.metrics[0][1]["loss"], logger.metrics[-1][1]["loss"]
     assert first > 0.6 and last < 0.1
-    trained = load_ema_model(tmp_path / "ema.pt", torch.device("cpu"))
+    trained = load_ema_model(tmp_path / EMA_FILE, torch.device("cpu"))
     images, _ = generate(trained, sample_params({"method": "heun", "num_steps": 10,
                                                  "num_images": 16}), progress=False)
     assert (images.float() - 200).abs().mean() < 10
@@ -296,7 +296,7 @@ def edm_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("edm")
     params = edm_params(model={"num_classes": 2}, train={"cond_drop_prob": 0.2})
     train(params, tiny_data(), folder, Recorder())
-    return folder / "ema.pt"
+    return folder / EMA_FILE
 
 
 @pytest.mark.parametrize("options", [{"method": "heun"},

@@ -20,8 +20,10 @@ import yaml
 from PIL import Image
 
 from pipeline.io import save_torch
+from pipeline.model_file import read_model_file
 from stage_project import (PARAMS, ROOT, finish, make_project, result, start, starts,
                            training_runs, wait_for)
+from stages.paths import EMA_MODEL
 
 pytestmark = pytest.mark.slow
 def assert_same_run(a: dict, b: dict) -> None:
@@ -103,7 +105,7 @@ def test_non_finite_loss_fails_the_run_naming_step_and_causes(tmp_path):
     assert "train.lr = 1e+30" in log and "train.grad_clip = 0" in log and "Traceback" not in log
     _, (run,) = training_runs(project)
     assert run.info.status == "FAILED"
-    assert not (project / "outputs/train/ema.pt").exists()
+    assert not (project / EMA_MODEL).exists()
 
 
 def test_a_kill_during_a_write_never_leaves_a_torn_file(tmp_path):
@@ -209,7 +211,7 @@ def uninterrupted_experiment(tmp_path_factory):
     project, env = git_project(tmp_path_factory.mktemp("experiment") / "repo")
     done = exp_run(project, env)
     assert done.returncode == 0, done.stdout + done.stderr
-    return loss_curve(project), torch.load(project / "outputs/train/ema.pt", weights_only=True)
+    return loss_curve(project), read_model_file(project / EMA_MODEL).weights
 
 
 @pytest.mark.parametrize("temp", [False, True], ids=["workspace", "temp"])
@@ -239,5 +241,5 @@ def test_dvc_exp_run_again_after_ctrl_c_resumes_the_same_run(tmp_path, uninterru
     curve, ema = uninterrupted_experiment
     assert loss_curve(project) == curve  # every step once, with the uninterrupted values
     if not temp:  # a --temp experiment's outputs stay in its DVC experiment, not the workspace
-        resumed = torch.load(project / "outputs/train/ema.pt", weights_only=True)
-        assert all(torch.equal(resumed["weights"][k], v) for k, v in ema["weights"].items())
+        resumed = read_model_file(project / EMA_MODEL).weights
+        assert all(torch.equal(resumed[k], v) for k, v in ema.items())

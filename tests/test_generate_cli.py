@@ -28,7 +28,7 @@ from pipeline.data import ImageSet, grid_image
 from pipeline.config import sample_params
 from pipeline.generate import main
 from pipeline.inference import generate
-from pipeline.model_file import load_ema_model
+from pipeline.model_file import EMA_FILE, load_ema_model
 from pipeline.model_request import example_request, request_params
 from pipeline.io import save_torch
 from pipeline.logger import Logger
@@ -53,7 +53,7 @@ SAMPLE = {"method": "ddim", "num_steps": 3, "eta": 0.5, "guidance_scale": 1.5, "
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """The tiny model's ema.pt, logged without a name, then registered twice."""
+    """The tiny model's ema.safetensors, logged without a name, then registered twice."""
     root = tmp_path_factory.mktemp("project")
     images = torch.randint(0, 256, (16, 1, 8, 8), generator=torch.Generator().manual_seed(0),
                            dtype=torch.uint8)
@@ -71,12 +71,12 @@ def store(tmp_path_factory):
         for name in ["", NAME, NAME]:
             runs.append(tracker.training_run(params))
             runs[-1].log_metrics({"final_loss": 0.25}, step=4)  # the last step's
-            uris.append(runs[-1].log_ema_model(root / "train" / "ema.pt", name))
+            uris.append(runs[-1].log_ema_model(root / "train" / EMA_FILE, name))
             versions.append(sorted(int(v.version) for v in
                                    client.search_model_versions(f"name = '{NAME}'")))
         environment_after = os.environ.get("MLFLOW_TRACKING_URI")
     torch.set_num_threads(threads)
-    return SimpleNamespace(root=root, uri=tracker.uri, client=client, ema=root / "train" / "ema.pt",
+    return SimpleNamespace(root=root, uri=tracker.uri, client=client, ema=root / "train" / EMA_FILE,
                            experiment_id=tracker.experiment_id, runs=runs, uris=uris,
                            versions=versions, environment_after=environment_after)
 
@@ -166,13 +166,13 @@ def closed_port() -> int:
      "--model models:/no-such-model/latest: Registered Model with name=no-such-model not found"),
     (["--model", f"models:/{NAME}/7"], f"--model models:/{NAME}/7: "),
     (["--model", "runs:/0123456789abcdef/model"], "--model runs:/0123456789abcdef/model: Run"),
-    (["--model", "nowhere/ema.pt"], "--model nowhere/ema.pt: no such file"),
+    (["--model", "nowhere/ema.safetensors"], "--model nowhere/ema.safetensors: no such file"),
     (["--model", f"models:/{NAME}/1", "--tracking-uri", "http://127.0.0.1:PORT"],
      "MLflow tracking store http://127.0.0.1:PORT is unreachable"),
     (["--model", f"models:/{NAME}/1", "--tracking-uri", "sqlite:///TMP/missing.db"],
      "MLflow tracking store sqlite:///TMP/missing.db does not exist"),
     (["--model", "TMP/tensors.pt"],
-     "--model TMP/tensors.pt: not an EMA model file (the ema.pt of the train stage): it has "
+     "--model TMP/tensors.pt: not an EMA model file (the ema.safetensors of the train stage): it has "
      "no 'params'"),
     (["--model", "EMA", "--method", "euler"],
      "--method = 'euler' is not allowed; choose one of 'ddpm', 'ddim', 'dpmpp_2m'"),
@@ -218,7 +218,7 @@ class RunsCode:
 def test_a_crafted_pickle_in_place_of_the_registered_weights_is_refused(store, tmp_path):
     model_id = logged_model_id(store, f"models:/{NAME}/1")
     location = store.client.get_logged_model(model_id).artifact_location
-    weights = Path(location.removeprefix("file://")) / "artifacts" / "ema.pt"
+    weights = Path(location.removeprefix("file://")) / "artifacts" / EMA_FILE
     original = weights.read_bytes()
     marker = tmp_path / "pwned"
     torch.save({"weights": RunsCode(marker), "params": {}, "classes": [], "run_id": None,
@@ -231,7 +231,7 @@ def test_a_crafted_pickle_in_place_of_the_registered_weights_is_refused(store, t
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith(f"generate: error: --model models:/{NAME}/1: ")
-    assert re.search(r"ema\.pt: refused to load: it holds pickled Python objects, not only "
+    assert re.search(r"ema\.safetensors: refused to load: it holds pickled Python objects, not only "
                      r"tensors, and loading it could run arbitrary code \(.*posix\.system", error)
     assert not marker.exists() and not (tmp_path / "grid.png").exists()
     crafted = tmp_path / "crafted.pt"
@@ -291,7 +291,7 @@ def test_the_readmes_generate_examples_run_as_written(store, tmp_path):
     commands = readme_generate_commands()
     assert len(commands) == 2
     (store.root / "outputs/train").mkdir(parents=True, exist_ok=True)
-    shutil.copy(store.ema, store.root / "outputs/train/ema.pt")
+    shutil.copy(store.ema, store.root / "outputs/train" / EMA_FILE)
     for command in commands:
         # Only the registry name differs: the test store registers its model as NAME.
         args = shlex.split(command.replace("models:/simple-diffusion/", f"models:/{NAME}/"))[3:]
@@ -326,3 +326,19 @@ def test_an_unwritable_out_folder_is_named_before_any_sampling(store, tmp_path, 
         main(["--model", str(store.ema), "--out", str(folder / "grid.png")])
     assert str(exit.value.code) == (f"generate: error: --out {folder / 'grid.png'}: cannot write "
                                     f"there ({folder} is not a writable folder)")
+
+
+def test_the_export_reads_a_registered_model_as_the_generator_does(store, tmp_path):
+    """pipeline.export resolves --model with the generator's open_model: the registered model's
+    export holds the same weights as the local file's."""
+    from safetensors.torch import load_file
+
+    from pipeline import export
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", store.uri)
+        export.main(["--model", f"models:/{NAME}/2", "--out", str(tmp_path / "registry")])
+    export.main(["--model", str(store.ema), "--out", str(tmp_path / "local")])
+    registry, local = (load_file(tmp_path / folder / "unet/diffusion_pytorch_model.safetensors")
+                       for folder in ("registry", "local"))
+    assert registry.keys() == local.keys() and all(torch.equal(registry[k], local[k]) for k in local)
+    assert f"- exported from: `models:/{NAME}/2`" in (tmp_path / "registry/README.md").read_text()

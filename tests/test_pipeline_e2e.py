@@ -102,7 +102,7 @@ def test_repro_runs_every_stage_and_writes_finite_metrics(project, first_repro):
     assert ran(first_repro) == STAGES
     assert "Inception FID/KID skipped" in first_repro  # offline: said, not failed
     assert len(list((project / "samples").glob("*.png"))) == 30
-    for out in ["outputs/train/ema.pt", "outputs/sample/grid.png",
+    for out in ["outputs/train/ema.safetensors", "outputs/sample/grid.png",
                 "outputs/sample/progression.png", "outputs/classifier/model.pt"]:
         assert (project / out).is_file(), out
     checkpoints = sorted((project / "checkpoints").glob("*/step-*.pt"))

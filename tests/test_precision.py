@@ -10,7 +10,7 @@ from pipeline import training
 from pipeline.config import ParamsError, from_dict
 from pipeline.device import fastest_precision
 from pipeline.inference import generate
-from pipeline.model_file import load_ema_model
+from pipeline.model_file import EMA_FILE, load_ema_model, read_model_file
 from pipeline.training import PRECISION_PARAM, train
 from test_training import TINY, Recorder, tiny_data, tiny_params
 
@@ -31,7 +31,7 @@ def test_the_probe_puts_the_random_state_back():
 
 
 def ema_weights(folder):
-    return torch.load(folder / "ema.pt", weights_only=True)["weights"]
+    return read_model_file(folder / EMA_FILE).weights
 
 
 def test_auto_trains_as_the_chosen_precision_would_without_the_probe(tmp_path, capsys):
@@ -94,7 +94,7 @@ def test_sample_precision_takes_only_its_choices():
 
 def test_bf16_sampling_differs_from_fp32_only_slightly(tmp_path):
     train(tiny_params(), tiny_data(), tmp_path, Recorder())
-    trained = load_ema_model(tmp_path / "ema.pt", torch.device("cpu"))
+    trained = load_ema_model(tmp_path / EMA_FILE, torch.device("cpu"))
     p = from_dict({"sample": {**TINY["sample"], "method": "ddim", "num_images": 8,
                               "precision": "fp32"}}).sample
     fp32, _ = generate(trained, p, progress=False)

@@ -21,7 +21,7 @@ from PIL import Image
 from pipeline.config import Params, ParamsError, check_data_size, flatten, from_dict, load_params
 from pipeline.data import build_datasets
 from pipeline.inference import generate
-from pipeline.model_file import load_ema_model
+from pipeline.model_file import EMA_FILE, load_ema_model
 from pipeline.training import train
 from pipeline.unet import SelfAttention, build_model, count_parameters
 from test_training import Recorder
@@ -159,7 +159,7 @@ def test_preset_preprocesses_trains_and_samples_at_a_tiny_scale(name, tmp_path):
     assert all(math.isfinite(loss) and abs(loss - 1) < 0.25 for loss in losses), losses
     assert logger.images == [("sample_grid", 2, (size + 4, size + 4))]  # 2 px frame
 
-    trained = load_ema_model(tmp_path / "train" / "ema.pt", torch.device("cpu"))
+    trained = load_ema_model(tmp_path / "train" / EMA_FILE, torch.device("cpu"))
     assert count_parameters(trained.model) == count_parameters(build_model(preset.params))
     images, _ = generate(trained, params.sample, num_images=1)
     assert images.shape == (1, channels, size, size) and images.dtype == torch.uint8

@@ -8,7 +8,7 @@ import torch
 from pipeline.config import TrainParams, from_dict
 from pipeline.data import ImageSet
 from pipeline.inference import generate, progression_image, write_samples
-from pipeline.model_file import load_ema_model
+from pipeline.model_file import EMA_FILE, load_ema_model, read_model_file
 from pipeline import training
 from pipeline.io import UnsafeFileError, save_torch
 from pipeline.logger import Logger
@@ -73,7 +73,7 @@ def test_train_logs_curves_grids_and_writes_the_ema_model(tmp_path):
     assert all(math.isfinite(v) for _, m in logger.metrics for v in m.values())
     # grids at every sample_every steps and at the end; 4 images of 8 px with 2 px frames
     assert logger.images == [("sample_grid", 3, (22, 22)), ("sample_grid", 6, (22, 22))]
-    trained = load_ema_model(tmp_path / "ema.pt", torch.device("cpu"))
+    trained = load_ema_model(tmp_path / EMA_FILE, torch.device("cpu"))
     assert trained.run_id == "run-1" and trained.step == 6 and trained.classes == ("a", "b")
     assert trained.scheduler.num_timesteps == 50
 
@@ -89,8 +89,8 @@ def test_interrupted_training_resumes_exactly(tmp_path):
     state = train(params, data, tmp_path / "resumed", logger)
     assert [s for s, _ in logger.metrics] == [4, 6]  # it went on from step 2
     assert [row["step"] for row in state.history] == [2, 4, 6]
-    clean = torch.load(tmp_path / "clean" / "ema.pt", weights_only=True)["weights"]
-    resumed = torch.load(tmp_path / "resumed" / "ema.pt", weights_only=True)["weights"]
+    clean = read_model_file(tmp_path / "clean" / EMA_FILE).weights
+    resumed = read_model_file(tmp_path / "resumed" / EMA_FILE).weights
     assert clean.keys() == resumed.keys()
     assert all(torch.equal(clean[k], resumed[k]) for k in clean)
 
@@ -138,7 +138,7 @@ def test_history_csv_and_summary(tmp_path):
 
 def test_generate_is_seeded_and_writes_pngs(tmp_path):
     train(tiny_params(), tiny_data(), tmp_path, Recorder())
-    trained = load_ema_model(tmp_path / "ema.pt", torch.device("cpu"))
+    trained = load_ema_model(tmp_path / EMA_FILE, torch.device("cpu"))
     p = from_dict({"sample": {"num_images": 5, "batch_size": 2, "num_steps": 4},
                    "evaluate": {"kid_subset_size": 5}}).sample
     images, steps = generate(trained, p, return_intermediates=True)
@@ -160,7 +160,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def ema_weights(folder):
-    return torch.load(folder / "ema.pt", weights_only=True)["weights"]
+    return read_model_file(folder / EMA_FILE).weights
 
 
 def assert_same_weights(a, b):
@@ -254,7 +254,7 @@ def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(t
         train(params, data, tmp_path, logger)
     assert [p.name.split("-")[1] for p in sorted((tmp_path / "checkpoints").glob("*/*.pt"))] == \
         ["00000002", "00000004"]
-    assert [s for s, _ in logger.metrics] == [2, 4] and not (tmp_path / "ema.pt").exists()
+    assert [s for s, _ in logger.metrics] == [2, 4] and not (tmp_path / EMA_FILE).exists()
     monkeypatch.setattr(training, "train_step", real_step)  # fixed: the run resumes from step 4
     logger = Recorder()
     train(params, data, tmp_path, logger)
@@ -274,7 +274,7 @@ def test_same_params_and_seed_give_identical_samples_and_metrics(tmp_path):
     outcomes = []
     for run in ("first", "second"):
         train(params, data, tmp_path / run, Recorder())
-        images, _ = generate(load_ema_model(tmp_path / run / "ema.pt", torch.device("cpu")),
+        images, _ = generate(load_ema_model(tmp_path / run / EMA_FILE, torch.device("cpu")),
                              sample_params)
         classifier = train_classifier(data, ClassifierParams(epochs=1, batch_size=8, feature_dim=8))
         save_classifier(classifier, tmp_path / run / "classifier.pt")
@@ -285,7 +285,7 @@ def test_same_params_and_seed_give_identical_samples_and_metrics(tmp_path):
     (first, first_metrics), (second, second_metrics) = outcomes
     assert torch.equal(first, second)
     assert first_metrics == second_metrics and math.isfinite(first_metrics["classifier_fd"])
-    other, _ = generate(load_ema_model(tmp_path / "first" / "ema.pt", torch.device("cpu")),
+    other, _ = generate(load_ema_model(tmp_path / "first" / EMA_FILE, torch.device("cpu")),
                         dataclasses.replace(sample_params, seed=1))
     assert not torch.equal(first, other)
 
@@ -308,7 +308,7 @@ def test_compiled_training_follows_the_eager_run_and_saves_a_plain_model(tmp_pat
     a, b = ema_weights(tmp_path / "eager"), ema_weights(tmp_path / "compiled")
     assert a.keys() == b.keys()  # no "_orig_mod." prefixes from the compiled wrapper
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    load_ema_model(tmp_path / "compiled" / "ema.pt", torch.device("cpu"))
+    load_ema_model(tmp_path / "compiled" / EMA_FILE, torch.device("cpu"))
 
 
 def test_a_finished_run_removes_the_folders_of_other_finished_runs_only(tmp_path):
