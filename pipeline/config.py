@@ -91,7 +91,7 @@ class ModelParams:
     num_classes: int = spec(0, low=0)  # 0 = unconditional
     self_condition: bool = False  # also feed the model its previous x0 estimate (Chen et al. 2022)
     # Recompute each residual block's activations in the backward pass instead of keeping them:
-    # less memory, about one more forward pass of compute, the same gradients.
+    # less memory (docs/presets.md), 1.25x the FLOPs of a training step, the same gradients.
     gradient_checkpointing: bool = False
 
 

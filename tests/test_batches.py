@@ -30,7 +30,8 @@ def test_each_image_is_mirrored_where_the_generators_coin_says():
     flipped = random_hflip(x, torch.Generator().manual_seed(7))
     coins = (torch.rand(16, generator=torch.Generator().manual_seed(7)) < 0.5).numpy()
     mirrored = x.numpy()[:, :, :, ::-1]  # the columns in reverse order: left-right
-    assert np.array_equal(flipped.numpy(), np.where(coins[:, None, None, None], mirrored, x.numpy()))
+    expected = np.where(coins[:, None, None, None], mirrored, x.numpy())
+    assert np.array_equal(flipped.numpy(), expected)
     assert 0 < coins.sum() < 16  # both kinds occur, so the check above tells them apart
 
 
@@ -58,7 +59,9 @@ def test_batches_are_drawn_then_flipped_by_the_training_generator(tmp_path, monk
     batch, pixels = params.train.batch_size, data.images.numpy()
     for x0 in seen:
         index = torch.randint(len(pixels), (batch,), generator=replay).numpy()
-        coins = (torch.rand(batch, generator=replay) < 0.5).numpy() if hflip else np.zeros(batch, bool)
+        coins = np.zeros(batch, bool)
+        if hflip:
+            coins = (torch.rand(batch, generator=replay) < 0.5).numpy()
         torch.randint(params.diffusion.num_timesteps, (batch,), generator=replay)  # train_step's t
         torch.randn(x0.shape, generator=replay)  # and its noise
         expected = np.where(coins[:, None, None, None], pixels[index][..., ::-1], pixels[index])
