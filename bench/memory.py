@@ -1,7 +1,7 @@
 """Training memory of each preset's UNet per image of a micro-batch, with and without gradient
 checkpointing: the counts behind docs/presets.md's choice of GPU.
 
-    uv run --frozen python -m bench.memory [--rss] [--presets cifar10 faces64 ...]
+    uv run --frozen python -m bench.memory [--presets cifar10 faces64 ...]
 
 Counted on the CPU under the presets' bf16 autocast. `saved`: the bytes of the distinct tensors
 that autograd keeps for the backward pass of one training forward pass, at micro-batches of 1 and
@@ -9,26 +9,21 @@ that autograd keeps for the backward pass of one training forward pass, at micro
 weights) is fixed. With checkpointing the backward pass also holds the recomputed activations of
 one residual block at a time: `block` is the largest block's, per image, counted without
 checkpointing. `flop_ratio`: the FLOPs of a training step (forward and backward) with
-checkpointing over those without. With --rss, also the peak resident memory of a whole training
-step (train_step: forward, backward, AdamW) in a fresh process at micro-batches of 1 and 2: a
-measurement of the CPU's allocator, to set against the counts.
+checkpointing over those without. (The peak RSS of a CPU training step at micro-batches of 1
+and 2 was tried as a measurement to set against the counts: it is the same at both, set by what
+does not grow with the batch, so it says nothing about activations at this size.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import Params
-from pipeline.noise_scheduler import build_scheduler
-from pipeline.training import train_step
 from pipeline.unet import ResBlock, UNet, build_model, count_parameters
 from stages.preset import find_preset, preset_names
 
@@ -86,49 +81,23 @@ def flop_ratio(params: Params) -> float:
     return counts[1] / counts[0]
 
 
-def peak_rss(name: str, batch: int, checkpointing: bool) -> int:
-    """Peak resident bytes of a fresh process that runs one train_step of the preset."""
-    code = ("import sys; from bench.memory import one_step; "
-            f"one_step({name!r}, {batch}, {checkpointing})")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
-    return int(done.stdout.split()[-1])
-
-
-def one_step(name: str, batch: int, checkpointing: bool) -> None:
-    """One bf16 train_step of the preset's model at `batch`; prints the peak RSS in bytes."""
-    params = find_preset(name).params
-    model, x, _ = model_and_input(params, batch, checkpointing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    train_step(model, build_scheduler(params), optimizer, x.clamp(-1, 1), None,
-               torch.Generator().manual_seed(0), params.train, bf16=True)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
-
-
-def measure(name: str, rss: bool) -> dict[str, float]:
+def measure(name: str) -> dict[str, float]:
     params = find_preset(name).params
     (plain_1, block_1), (plain_2, block_2) = saved(params, 1, False), saved(params, 2, False)
     (ckpt_1, _), (ckpt_2, _) = saved(params, 1, True), saved(params, 2, True)
-    row = {"parameters": count_parameters(build_model(params)),
-           "saved_mib_per_image": (plain_2 - plain_1) / MIB,
-           "fixed_mib": (2 * plain_1 - plain_2) / MIB,
-           "checkpointed_saved_mib_per_image": (ckpt_2 - ckpt_1) / MIB,
-           "block_mib_per_image": (block_2 - block_1) / MIB, "flop_ratio": flop_ratio(params)}
-    if rss:
-        for label, checkpointing in (("rss", False), ("checkpointed_rss", True)):
-            one, two = (peak_rss(name, batch, checkpointing) for batch in (1, 2))
-            row[f"{label}_mib_per_image"] = (two - one) / MIB
-            row[f"{label}_mib_at_1"] = one / MIB
-    return row
+    return {"parameters": count_parameters(build_model(params)),
+            "saved_mib_per_image": (plain_2 - plain_1) / MIB,
+            "fixed_mib": (2 * plain_1 - plain_2) / MIB,
+            "checkpointed_saved_mib_per_image": (ckpt_2 - ckpt_1) / MIB,
+            "block_mib_per_image": (block_2 - block_1) / MIB, "flop_ratio": flop_ratio(params)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rss", action="store_true", help="also measure the peak RSS of a step")
     parser.add_argument("--presets", nargs="+", default=[n for n in preset_names() if n != "mnist"])
     args = parser.parse_args()
     for name in args.presets:
-        print(json.dumps({"preset": name, **measure(name, args.rss)}), flush=True)
+        print(json.dumps({"preset": name, **measure(name)}), flush=True)
 
 
 if __name__ == "__main__":
