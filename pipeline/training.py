@@ -10,6 +10,9 @@ an EMA of the weights (pipeline/ema.py) is what gets sampled and saved. In bf16 
 forward pass runs under bf16 autocast; `train.precision: auto` on a CPU times a few steps both ways
 before a fresh run starts (pipeline/device.py), and the checkpoints keep what it chose. With `model.self_condition`, half of the
 steps first estimate x0 without gradient and feed it back (Chen et al. 2022, Algorithm 1).
+With `train.hflip` each drawn image is mirrored with probability 1/2. With `train.micro_batch_size`
+a step runs its batch in several forward/backward passes and adds up their gradients, so a big
+batch fits a small GPU; the step, its draws and its loss are those of one pass.
 
 Nothing is lost when a run is interrupted. Every `train.checkpoint_every` steps a checkpoint
 (model, EMA, optimiser, step, every random state, the half-filled logging window and the history)
@@ -26,6 +29,7 @@ weights are saved as pipeline/model_file.py's ema.safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -95,8 +99,12 @@ def learning_rate(step: int, p: TrainParams) -> float:
 
 def fingerprint(params: Params, data: ImageSet, processes: int = 1) -> str:
     """Identity of a training run: its params sections, the exact training images, and the
-    number of data-parallel processes (a checkpoint holds the random state of each)."""
+    number of data-parallel processes (a checkpoint holds the random state of each).
+
+    Not model.gradient_checkpointing: it recomputes the same activations, so a run resumes with it
+    switched either way (say, on a smaller GPU) and goes on bit for bit as before."""
     sections = to_dict(params)
+    del sections["model"]["gradient_checkpointing"]
     digest = hashlib.sha256(repr([sections[s] for s in RUN_SECTIONS] + [processes]).encode())
     digest.update(data.images.numpy().tobytes())
     digest.update(data.labels.numpy().tobytes())
@@ -179,6 +187,8 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
         while state.step < p.steps:
             lr = set_learning_rate(optimizer, learning_rate(state.step, p))
             x0, batch_labels = draw_batch(images, labels, model, p, generator)
+            if p.hflip:  # drawn only when on: without it, a run draws what it always drew
+                x0 = random_hflip(x0, generator)
             loss, grad_norm = train_step(network, scheduler, optimizer, x0, batch_labels,
                                          generator, p, bf16, world.shard(p.batch_size))
             loss, signum = world.agree(loss, stop.signum)
@@ -248,6 +258,14 @@ def draw_batch(images: torch.Tensor, labels: torch.Tensor, model: UNet, p: Train
     labels for a class-conditional model."""
     index = torch.randint(len(images), (p.batch_size,), generator=generator, device=images.device)
     return to_model_range(images[index]), labels[index] if model.num_classes else None
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of x [B, C, H, W] mirrored left-right with probability 1/2, by coins from
+    `generator`: the augmentation of DDPM's CIFAR-10 run (Ho et al. 2020, Appendix B) and EDM's
+    x-flips (Karras et al. 2022, Appendix F.1)."""
+    flip = torch.rand(len(x), generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -356,7 +374,8 @@ def train_step(model: UNet, scheduler: NoiseScheduler | EDM, optimizer: torch.op
     strength p.offset_noise; the global gradient norm is clipped to p.grad_clip. A
     self-conditioned UNet also gets its own estimate (see `self_condition_input`).
     The random draws cover the whole batch x0; the step trains on its part `shard` (this rank's,
-    under DistributedDataParallel `model`, which averages the gradients of the ranks).
+    under DistributedDataParallel `model`, which averages the gradients of the ranks), in passes
+    of p.micro_batch_size images (`micro_batches`) whose gradients add up to the shard's.
     """
     t = scheduler.draw_timesteps(len(x0), generator, x0.device)  # EDM: ln(sigma) ~ N (pipeline/edm.py)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
@@ -368,11 +387,51 @@ def train_step(model: UNet, scheduler: NoiseScheduler | EDM, optimizer: torch.op
     # step; drawn before sharding, so every rank agrees on it.
     self_condition = unwrap(model).self_condition
     estimate = self_condition and torch.rand((), generator=generator, device=x0.device).item() < 0.5
-    x0, noise, t = x0[shard], noise[shard], t[shard]
-    labels = labels[shard] if labels is not None else None
+    optimizer.zero_grad(set_to_none=True)
+    parts = micro_batches(shard, len(x0), p.micro_batch_size)
+    shard_size = sum(part.stop - part.start for part in parts)
+    loss = torch.zeros((), device=x0.device)
+    for part in parts:
+        # Each part's mean loss weighted by its share of the shard: the parts' gradients then add
+        # up to the gradient of the shard's mean loss (gradient accumulation), their losses to it.
+        share = (part.stop - part.start) / shard_size
+        with gradient_sync(model, part is parts[-1]):
+            part_loss = share * batch_loss(model, scheduler, x0[part], noise[part], t[part],
+                                           None if labels is None else labels[part], estimate, p,
+                                           bf16)
+            part_loss.backward()
+        loss += part_loss.detach()
+    max_norm = p.grad_clip if p.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    return loss.item(), grad_norm.item()
+
+
+def micro_batches(shard: slice, batch: int, size: int) -> list[slice]:
+    """The parts of a batch of `batch` images that a step's passes train on: `shard` in pieces
+    of `size` images (0: in one piece; the config makes `size` divide it)."""
+    start, stop, _ = shard.indices(batch)
+    size = size or stop - start
+    return [slice(i, min(i + size, stop)) for i in range(start, stop, size)]
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """DistributedDataParallel averages the gradients over the ranks in every backward pass;
+    but for a step's last pass (`sync`), no_sync lets them accumulate on each rank instead, so
+    the ranks communicate once per step."""
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    if sync or not isinstance(ddp, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
+
+
+def batch_loss(model: UNet, scheduler: NoiseScheduler, x0: torch.Tensor, noise: torch.Tensor,
+               t: torch.Tensor, labels: torch.Tensor | None, estimate: bool, p: TrainParams,
+               bf16: bool) -> torch.Tensor:
+    """The mean loss over images x0 with their drawn noise, timesteps and labels (train_step)."""
     x_t = scheduler.add_noise(x0, noise, t)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        if self_condition:
+        if unwrap(model).self_condition:
             x_self_cond = self_condition_input(unwrap(model), scheduler, x_t, t, labels, estimate)
             prediction = model(x_t, t, labels, x_self_cond=x_self_cond)
         else:
@@ -381,15 +440,8 @@ def train_step(model: UNet, scheduler: NoiseScheduler | EDM, optimizer: torch.op
     if p.min_snr_gamma > 0:
         weights = min_snr_weights(scheduler.snr(t), p.min_snr_gamma, scheduler.prediction_type)
         squared_error = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
-        loss = (weights.to(squared_error) * squared_error).mean()
-    else:
-        loss = F.mse_loss(prediction.float(), target)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    max_norm = p.grad_clip if p.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    optimizer.step()
-    return loss.item(), grad_norm.item()
+        return (weights.to(squared_error) * squared_error).mean()
+    return F.mse_loss(prediction.float(), target)
 
 
 def self_condition_input(model: UNet, scheduler: NoiseScheduler, x_t: torch.Tensor,

@@ -15,6 +15,13 @@ concatenated to x_t on the channel axis, so the first conv reads 2 * in_channels
 stand for "no estimate yet" (training half of the time, the first sampling step); the training
 and sampling sides are pipeline/training.py's train_step and pipeline/sampler.py's sample.
 
+Gradient checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): with
+``gradient_checkpointing=True`` a training forward pass keeps only the inputs of each residual
+block (with its attention) and recomputes the block's activations in the backward pass. The
+recomputation replays the random state of the forward pass (torch.utils.checkpoint's default),
+so dropout draws the same masks and the gradients are those without it. Passes without gradient
+(sampling, self-conditioning's estimate) run as usual.
+
 Shapes through the network, for levels i = 0 .. len(channel_mult) - 1:
 
     level i works at side length image_size / 2**i with base_channels * channel_mult[i] channels.
@@ -43,6 +50,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import Params, feature_map_sizes, unet_problem
 
@@ -136,6 +144,7 @@ class UNet(nn.Module):
         norm_groups: int = 8,  # GroupNorm groups
         num_classes: int = 0,  # 0: unconditional; >0: labels 0..num_classes-1, num_classes = null
         self_condition: bool = False,  # also read an x0 estimate (Chen et al. 2022): 2C inputs
+        gradient_checkpointing: bool = False,  # recompute block activations in the backward pass
     ) -> None:
         super().__init__()
         _check_config(in_channels, image_size, base_channels, channel_mult, num_res_blocks,
@@ -145,6 +154,7 @@ class UNet(nn.Module):
         self.image_size = image_size
         self.num_classes = num_classes
         self.self_condition = self_condition
+        self.gradient_checkpointing = gradient_checkpointing
         self.base_channels = base_channels
         emb_dim = 4 * base_channels  # DDPM's width for the timestep MLP
 
@@ -218,16 +228,22 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            h = self.block(layer, h, emb) if isinstance(layer, ResBlock) else layer(h)
             skips.append(h)
         for layer in self.mid:
-            h = layer(h, emb)
+            h = self.block(layer, h, emb)
         for layer in self.up:
             if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, skips.pop()], dim=1), emb)
+                h = self.block(layer, torch.cat([h, skips.pop()], dim=1), emb)
             else:
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def block(self, layer: ResBlock, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """layer(h, emb), checkpointed when gradient checkpointing is on and gradients are."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, h, emb, use_reentrant=False)
+        return layer(h, emb)
 
 
 def _check_config(in_channels: int, image_size: int, base_channels: int,
@@ -267,6 +283,7 @@ def build_model(params: Params) -> UNet:
         norm_groups=m.norm_groups,
         num_classes=m.num_classes,
         self_condition=m.self_condition,
+        gradient_checkpointing=m.gradient_checkpointing,
     )
 
 

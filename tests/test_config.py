@@ -79,6 +79,7 @@ def test_wrong_type_names_key_value_and_type(section, key, value, expected):
     ("sample", "eta", 1.5, "<= 1"),
     ("model", "channel_mult", [1, 0], ">= 1"),
     ("preprocess", "holdout_fraction", 0.0, "> 0"),
+    ("train", "micro_batch_size", -1, ">= 0"),
 ])
 def test_out_of_range_names_key_value_and_range(section, key, value, allowed):
     with pytest.raises(ParamsError) as err:
@@ -162,6 +163,12 @@ def test_dvc_yaml_params_exist():
                     "num_timesteps": 1}, "sample": {"num_steps": 1},
       "train": {"grid_sampling_steps": 1}},
      ["diffusion.rescale_zero_terminal_snr=True needs diffusion.num_timesteps >= 2; got 1"]),
+    ({"train": {"micro_batch_size": 24}},
+     ["train.micro_batch_size = 24 must divide each process's batch, train.batch_size = 64",
+      "use one of 1, 2, 4, 8, 16, 32, 64, or 0 for the whole batch"]),
+    ({"train": {"micro_batch_size": 64, "num_processes": 2}},
+     ["train.micro_batch_size = 64 must divide each process's batch, train.batch_size / "
+      "train.num_processes = 64 / 2 = 32", "use one of 1, 2, 4, 8, 16, 32,"]),
 ])
 def test_impossible_combination_names_keys_values_and_fix(raw, expected):
     with pytest.raises(ParamsError) as err:
@@ -184,6 +191,8 @@ def test_impossible_combination_names_keys_values_and_fix(raw, expected):
     {"diffusion": {"schedule": "cosine", "beta_start": 0.5, "beta_end": 0.1}},  # unused by cosine
     {"diffusion": {"rescale_zero_terminal_snr": True, "prediction_type": "sample"}},
     {"sample": {"num_images": 20}, "evaluate": {"kid_subset_size": 20}},
+    {"train": {"micro_batch_size": 64}},  # the whole batch in one pass, as 0
+    {"train": {"micro_batch_size": 1, "batch_size": 6, "num_processes": 3}},
 ])
 def test_possible_combinations_at_the_limits_load(raw):
     flat = flatten(from_dict(raw))

@@ -43,11 +43,12 @@ class DataSet:
     mode: str  # PIL mode of the files
     suffix: str
     images: int  # in the training split, or all of them without splits
+    mirrored: bool  # a mirrored image is one of the data set's kind (train.hflip); a digit's is not
 
 
-DATA_SETS = {"mnist": DataSet(("train", "test"), (28, 28), "L", ".png", 60_000),
-             "cifar10": DataSet(("train", "test"), (32, 32), "RGB", ".jpg", 50_000),
-             "orl_faces": DataSet((), (92, 112), "L", ".pgm", 400)}
+DATA_SETS = {"mnist": DataSet(("train", "test"), (28, 28), "L", ".png", 60_000, False),
+             "cifar10": DataSet(("train", "test"), (32, 32), "RGB", ".jpg", 50_000, True),
+             "orl_faces": DataSet((), (92, 112), "L", ".pgm", 400, True)}
 
 # The slowest preset (a 113M-parameter UNet at 256x256): over 20 s on the 2-core CI machine.
 SLOW = {"faces256"}
@@ -87,6 +88,7 @@ def test_preset_validates_and_suits_its_data_set(name):
     assert (p.train_split, p.test_split) == (data.splits or ("", ""))
     assert p.allow_upscale == (p.image_size > min(data.size))  # only where the images need it
     assert p.channels == (3 if data.mode == "RGB" else 1)
+    assert preset.params.train.hflip == data.mirrored
     held_out = 0 if data.splits else max(1, round(p.holdout_fraction * data.images))
     check_data_size(preset.params, data.images - held_out)  # a batch the data set can fill
     assert preset.params.train.num_processes == 1

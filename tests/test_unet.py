@@ -145,10 +145,12 @@ def test_build_model_reads_params() -> None:
     params = SimpleNamespace(
         model=SimpleNamespace(base_channels=8, channel_mult=[1, 2], num_res_blocks=2,
                               attention_resolutions=[16], num_heads=2, dropout=0.1,
-                              norm_groups=4, num_classes=10, self_condition=False),
+                              norm_groups=4, num_classes=10, self_condition=False,
+                              gradient_checkpointing=True),
         preprocess=SimpleNamespace(image_size=32, channels=3))
     model = build_model(params)
     assert model.class_emb.num_embeddings == 11  # ten classes and the null class
+    assert model.gradient_checkpointing
     assert len(model.down) == 2 + 1 + 2  # two blocks per level and one downsampling
     attention = sum(isinstance(m, SelfAttention) for m in model.modules())
     assert attention == 2 + 1 + 3  # 16 px is the lowest level: 2 down blocks, middle, 3 up
