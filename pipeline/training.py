@@ -377,7 +377,7 @@ def train_step(model: UNet, scheduler: NoiseScheduler | EDM, optimizer: torch.op
     under DistributedDataParallel `model`, which averages the gradients of the ranks), in passes
     of p.micro_batch_size images (`micro_batches`) whose gradients add up to the shard's.
     """
-    t = scheduler.draw_timesteps(len(x0), generator, x0.device)  # EDM: ln(sigma) ~ N (pipeline/edm.py)
+    t = scheduler.draw_timesteps(len(x0), generator, x0.device)  # EDM: log-normal sigma
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     if p.offset_noise > 0:
         noise = offset_noise(noise, p.offset_noise, generator)
@@ -425,7 +425,7 @@ def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractCont
     return ddp.no_sync()
 
 
-def batch_loss(model: UNet, scheduler: NoiseScheduler, x0: torch.Tensor, noise: torch.Tensor,
+def batch_loss(model: UNet, scheduler: NoiseScheduler | EDM, x0: torch.Tensor, noise: torch.Tensor,
                t: torch.Tensor, labels: torch.Tensor | None, estimate: bool, p: TrainParams,
                bf16: bool) -> torch.Tensor:
     """The mean loss over images x0 with their drawn noise, timesteps and labels (train_step)."""
