@@ -154,14 +154,14 @@ def test_exp_run_on_a_sample_param_reruns_only_sample_and_evaluate(project, firs
 
 
 def test_temp_and_queued_experiments_land_in_the_same_store(project, first_repro):
-    """--temp re-samples into the existing training run; four queued trainings, run two at a
-    time, all finish, each with every logged point of its curves in the one store, once."""
+    """--temp re-samples into the existing training run; two queued trainings, run at the same
+    time, both finish, each with every logged point of its curves in the one store, once."""
     _, _, before = mlflow_runs(project)
     sh(project, "dvc", "exp", "run", "--temp", "-S", "sample.seed=1")
     _, training, evaluations = mlflow_runs(project)
     assert len(training) == 1 and len(evaluations) == len(before) + 1
     assert max(evaluations, key=lambda r: r.info.start_time).data.params["sample.seed"] == "1"
-    seeds = ["1", "2", "3", "4"]
+    seeds = ["1", "2"]
     for seed in seeds:
         sh(project, "dvc", "exp", "run", "--queue", "-S", f"train.seed={seed}")
     sh(project, "dvc", "queue", "start", "-j", "2")
@@ -172,7 +172,7 @@ def test_temp_and_queued_experiments_land_in_the_same_store(project, first_repro
             break
         time.sleep(5)
     assert "Failed" not in status, status
-    assert status.count("Success") == 4, status
+    assert status.count("Success") == len(seeds), status
     client, training, evaluations = mlflow_runs(project)
     queued = [r for r in training if r.data.params["train.seed"] != "0"]
     assert sorted(r.data.params["train.seed"] for r in queued) == seeds
