@@ -6,10 +6,11 @@ from there, with NCCL on GPUs and gloo on CPUs. One process is the whole world w
 unset, and then nothing here communicates.
 
 How the pipeline splits the work: every rank draws the same global batch, timesteps and noise
-from the same seeded generator and trains on its own contiguous shard of it, and DDP averages the
-gradients. A step on N processes is therefore the step one process takes on the global batch, up
-to the order of floating-point sums (and dropout, whose masks each rank draws for itself). Only
-rank 0 talks to MLflow and writes files (`is_main`).
+from the same seeded generator, reads only its own contiguous shard of the batch's images
+(pipeline/batches.py) and trains on it, and DDP averages the gradients. A step on N processes
+is therefore the step one process takes on the global batch, up to the order of floating-point
+sums (and dropout, whose masks each rank draws for itself). Only rank 0 talks to MLflow and
+writes files (`is_main`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The training loop: DDPM's simple loss with AdamW, warm-up, gradient clipping, EMA and resume.
 
-Each step draws a batch, a uniform timestep t and Gaussian noise per image, and regresses the
-model output on the scheduler's target (DDPM, Ho et al. 2020, Algorithm 1 and eq. 14, "L_simple";
+Each step takes a batch (streamed from the training images by pipeline/batches.py), draws a
+uniform timestep t and Gaussian noise per image, and regresses the model output on the
+scheduler's target (DDPM, Ho et al. 2020, Algorithm 1 and eq. 14, "L_simple";
 the target is the noise, x0 or v depending on the prediction type), or, with
 `diffusion.formulation: edm`, a log-normal noise level and EDM's preconditioned target (Karras et
 al. 2022, eq. 8; pipeline/edm.py), which stand in for the scheduler's. AdamW (Loshchilov & Hutter
@@ -17,9 +18,10 @@ batch fits a small GPU; the step, its draws and its loss are those of one pass.
 Nothing is lost when a run is interrupted. Every `train.checkpoint_every` steps a checkpoint
 (model, EMA, optimiser, step, every random state, the half-filled logging window and the history)
 is written atomically into the run's own folder (pipeline/checkpoint.py); the newest two are
-kept, and a run started again with the same params and data resumes from the newest readable one. Since the data order, the
-noise and dropout all come from the saved random states, the resumed run is bit for bit the run
-that was not interrupted (on the CPU). SIGINT and SIGTERM stop the loop after the current step
+kept, and a run started again with the same params and data resumes from the newest readable
+one. Since the data order is a function of the step (pipeline/batches.py) and the noise and
+dropout come from the saved random states, the resumed run is bit for bit the run that was not
+interrupted (on the CPU). SIGINT and SIGTERM stop the loop after the current step
 with a checkpoint (`Interrupted`); a non-finite loss stops it before anything is saved
 (`NonFiniteLoss`). Metrics and sample grids go to a `Logger` (pipeline/logger.py; the MLflow run
 of pipeline/tracking.py is one), so this module never touches MLflow; steps that the logger
@@ -33,6 +35,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import itertools
 import math
 import os
 import signal
@@ -43,14 +46,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.batches import Batches, gather, to_device
 from pipeline.checkpoint import Checkpoints, random_states, restore_random_states
 from pipeline.config import Params, TrainParams, to_dict
-from pipeline.data import ImageSet, grid_image, to_model_range, to_uint8
+from pipeline.data import ImageSet, grid_image, to_uint8
 from pipeline.device import Step, choose_precision, default_device
 from pipeline.distributed import World
 from pipeline.edm import EDM
@@ -64,6 +69,10 @@ from pipeline.unet import UNet, build_model
 
 # What a checkpoint is a checkpoint of (with the training images): resume only when they match.
 RUN_SECTIONS = ("model", "diffusion", "train")
+# How a run draws its batches: part of its identity, so that no checkpoint of a run that drew
+# them otherwise (from the training generator, before pipeline/batches.py) is resumed.
+BATCH_ORDER = "batch_indices((train.seed, step))"
+HASH_CHUNK = 1 << 26  # bytes of images hashed at a time: a memory-mapped set is not read in whole
 
 
 class Interrupted(Exception):
@@ -105,8 +114,11 @@ def fingerprint(params: Params, data: ImageSet, processes: int = 1) -> str:
     switched either way (say, on a smaller GPU) and goes on bit for bit as before."""
     sections = to_dict(params)
     del sections["model"]["gradient_checkpointing"]
-    digest = hashlib.sha256(repr([sections[s] for s in RUN_SECTIONS] + [processes]).encode())
-    digest.update(data.images.numpy().tobytes())
+    identity = [sections[s] for s in RUN_SECTIONS] + [processes, BATCH_ORDER]
+    digest = hashlib.sha256(repr(identity).encode())
+    rows = max(1, HASH_CHUNK // max(1, math.prod(data.images.shape[1:])))
+    for start in range(0, len(data), rows):
+        digest.update(np.ascontiguousarray(data.images[start:start + rows].numpy()))
     digest.update(data.labels.numpy().tobytes())
     return digest.hexdigest()
 
@@ -167,10 +179,8 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
                                              fingerprint(params, data, world.size))
     state = resume(checkpoints, model, ema, optimizer, generator, world.rank)
     logger = NewStepsOnly(logger)
-    images = data.images.to(device)
-    labels = data.labels.to(device)
     if not state.precision:  # a fresh run; a resumed one keeps its precision, for bit-exactness
-        state.precision = run_precision(model, scheduler, images, labels, p, world, logger)
+        state.precision = run_precision(model, scheduler, data, p, world, logger)
     bf16 = state.precision == "bf16"
     window = Window(state.window)
 
@@ -183,14 +193,14 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
                               "random": states}, state.step)
 
     model.train()
-    with stop_requests() as stop:
+    shard = world.shard(p.batch_size)
+    with (Batches(data, p, shard, model.num_classes > 0, device, range(state.step, p.steps))
+          as batches, stop_requests() as stop):
         while state.step < p.steps:
             lr = set_learning_rate(optimizer, learning_rate(state.step, p))
-            x0, batch_labels = draw_batch(images, labels, model, p, generator)
-            if p.hflip:  # drawn only when on: without it, a run draws what it always drew
-                x0 = random_hflip(x0, generator)
+            x0, batch_labels = next(batches)
             loss, grad_norm = train_step(network, scheduler, optimizer, x0, batch_labels,
-                                         generator, p, bf16, world.shard(p.batch_size))
+                                         generator, p, bf16, shard, p.batch_size)
             loss, signum = world.agree(loss, stop.signum)
             check_finite(loss, grad_norm, state.step + 1, p, state.precision, checkpoints)
             ema.update(model)
@@ -215,8 +225,8 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
 PRECISION_PARAM = "train.precision_resolved"  # the tracking param of TrainState.precision
 
 
-def run_precision(model: UNet, scheduler: NoiseScheduler, images: torch.Tensor,
-                  labels: torch.Tensor, p: TrainParams, world: World, logger: Logger) -> str:
+def run_precision(model: UNet, scheduler: NoiseScheduler, data: ImageSet, p: TrainParams,
+                  world: World, logger: Logger) -> str:
     """The precision of a fresh run, recorded in the logger, the same on every rank.
 
     A run that the logger already holds (killed before its first checkpoint) keeps the
@@ -228,7 +238,7 @@ def run_precision(model: UNet, scheduler: NoiseScheduler, images: torch.Tensor,
     if logged is None and world.is_main:
         chosen, note = choose_precision(
             p.precision, world.device,
-            lambda: probe_step(model, scheduler, images, labels, p, world.shard(p.batch_size)))
+            lambda: probe_step(model, scheduler, data, p, world))
     chosen = world.from_main(chosen)
     if world.is_main:
         print(f"train: precision {p.precision} -> {chosen}{note}")
@@ -237,34 +247,33 @@ def run_precision(model: UNet, scheduler: NoiseScheduler, images: torch.Tensor,
     return chosen
 
 
-def probe_step(model: UNet, scheduler: NoiseScheduler, images: torch.Tensor,
-               labels: torch.Tensor, p: TrainParams, shard: slice) -> Step:
+def probe_step(model: UNet, scheduler: NoiseScheduler, data: ImageSet, p: TrainParams,
+               world: World) -> Step:
     """One training step for pipeline.device's probe: on a copy of the model, with its own
-    optimiser and generator, so that the run's weights and draws are those of a run without it."""
+    optimiser and generator, so that the run's weights and draws are those of a run without it,
+    on the batches of the run's first steps, loaded as the run loads them (without the thread:
+    a batch is a function of its step, so loading one draws nothing from the run's generators)."""
     model = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    generator = torch.Generator(images.device).manual_seed(p.seed)
+    generator = torch.Generator(world.device).manual_seed(p.seed)
+    shard, steps = world.shard(p.batch_size), itertools.count()
 
     def step(bf16: bool) -> None:
-        x0, batch_labels = draw_batch(images, labels, model, p, generator)
-        train_step(model, scheduler, optimizer, x0, batch_labels, generator, p, bf16, shard)
+        rows = gather(data, next(steps), p, shard, model.num_classes > 0, world.device)
+        x0, labels = to_device(rows, world.device)
+        train_step(model, scheduler, optimizer, x0, labels, generator, p, bf16, shard,
+                   p.batch_size)
 
     return step
 
 
-def draw_batch(images: torch.Tensor, labels: torch.Tensor, model: UNet, p: TrainParams,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A batch of p.batch_size images drawn with replacement, in the model's range, and their
-    labels for a class-conditional model."""
-    index = torch.randint(len(images), (p.batch_size,), generator=generator, device=images.device)
-    return to_model_range(images[index]), labels[index] if model.num_classes else None
-
-
-def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_hflip(x: torch.Tensor, generator: torch.Generator, batch_size: int = 0,
+                 shard: slice = slice(None)) -> torch.Tensor:
     """Each image of x [B, C, H, W] mirrored left-right with probability 1/2, by coins from
     `generator`: the augmentation of DDPM's CIFAR-10 run (Ho et al. 2020, Appendix B) and EDM's
-    x-flips (Karras et al. 2022, Appendix F.1)."""
-    flip = torch.rand(len(x), generator=generator, device=x.device) < 0.5
+    x-flips (Karras et al. 2022, Appendix F.1). The coins cover a batch of `batch_size` images
+    (0: x is the whole batch) whose part `shard` x is (see train_step)."""
+    flip = torch.rand(batch_size or len(x), generator=generator, device=x.device)[shard] < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -364,37 +373,44 @@ class NewStepsOnly(Relay):
 
 def train_step(model: UNet, scheduler: NoiseScheduler | EDM, optimizer: torch.optim.Optimizer,
                x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
-               p: TrainParams, bf16: bool = False, shard: slice = slice(None)
-               ) -> tuple[float, float]:
+               p: TrainParams, bf16: bool = False, shard: slice = slice(None),
+               batch_size: int = 0) -> tuple[float, float]:
     """One optimiser step on L_simple (EDM's eq. 8 for an EDM `scheduler`); returns (loss,
     gradient norm before clipping).
 
-    The options of `p` (0 = off; each draws from `generator` only when on): labels dropped to
-    the null class with probability p.cond_drop_prob, Min-SNR-gamma loss weights, offset noise of
-    strength p.offset_noise; the global gradient norm is clipped to p.grad_clip. A
-    self-conditioned UNet also gets its own estimate (see `self_condition_input`).
-    The random draws cover the whole batch x0; the step trains on its part `shard` (this rank's,
-    under DistributedDataParallel `model`, which averages the gradients of the ranks), in passes
-    of p.micro_batch_size images (`micro_batches`) whose gradients add up to the shard's.
+    The options of `p` (off, or 0 = off; each draws from `generator` only when on): random
+    horizontal flips (p.hflip), labels dropped to the null class with probability
+    p.cond_drop_prob, Min-SNR-gamma loss weights, offset noise of strength p.offset_noise; the
+    global gradient norm is clipped to p.grad_clip. A self-conditioned UNet also gets its own
+    estimate (see `self_condition_input`).
+    The random draws cover the whole batch of `batch_size` images (0: x0 is the whole batch), so
+    every rank draws the same; x0 holds the batch's images at `shard` (this rank's, under
+    DistributedDataParallel `model`, which averages the gradients of the ranks), `labels` all of
+    its labels. The step trains on the shard in passes of p.micro_batch_size images
+    (`micro_batches`) whose gradients add up to the shard's.
     """
-    t = scheduler.draw_timesteps(len(x0), generator, x0.device)  # EDM: log-normal sigma
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    batch_size = batch_size or len(x0)
+    if p.hflip:
+        x0 = random_hflip(x0, generator, batch_size, shard)
+    t = scheduler.draw_timesteps(batch_size, generator, x0.device)[shard]  # EDM: log-normal sigma
+    noise = torch.randn((batch_size, *x0.shape[1:]), generator=generator, device=x0.device)
     if p.offset_noise > 0:
         noise = offset_noise(noise, p.offset_noise, generator)
+    noise = noise[shard]
     if p.cond_drop_prob > 0 and labels is not None:
         labels = drop_labels(labels, unwrap(model).num_classes, p.cond_drop_prob, generator)
+    labels = None if labels is None else labels[shard]
     # Self-conditioning: one coin for the whole batch, Algorithm 1's `uniform(0, 1) > 0.5` per
     # step; drawn before sharding, so every rank agrees on it.
     self_condition = unwrap(model).self_condition
     estimate = self_condition and torch.rand((), generator=generator, device=x0.device).item() < 0.5
     optimizer.zero_grad(set_to_none=True)
-    parts = micro_batches(shard, len(x0), p.micro_batch_size)
-    shard_size = sum(part.stop - part.start for part in parts)
+    parts = micro_batches(len(x0), p.micro_batch_size)
     loss = torch.zeros((), device=x0.device)
     for part in parts:
         # Each part's mean loss weighted by its share of the shard: the parts' gradients then add
         # up to the gradient of the shard's mean loss (gradient accumulation), their losses to it.
-        share = (part.stop - part.start) / shard_size
+        share = (part.stop - part.start) / len(x0)
         with gradient_sync(model, part is parts[-1]):
             part_loss = share * batch_loss(model, scheduler, x0[part], noise[part], t[part],
                                            None if labels is None else labels[part], estimate, p,
@@ -407,12 +423,11 @@ def train_step(model: UNet, scheduler: NoiseScheduler | EDM, optimizer: torch.op
     return loss.item(), grad_norm.item()
 
 
-def micro_batches(shard: slice, batch: int, size: int) -> list[slice]:
-    """The parts of a batch of `batch` images that a step's passes train on: `shard` in pieces
-    of `size` images (0: in one piece; the config makes `size` divide it)."""
-    start, stop, _ = shard.indices(batch)
-    size = size or stop - start
-    return [slice(i, min(i + size, stop)) for i in range(start, stop, size)]
+def micro_batches(images: int, size: int) -> list[slice]:
+    """The parts of a shard of `images` images that a step's passes train on: pieces of `size`
+    images (0: in one piece; the config makes `size` divide it)."""
+    size = size or images
+    return [slice(i, min(i + size, images)) for i in range(0, images, size)]
 
 
 def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:

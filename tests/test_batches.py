@@ -1,9 +1,10 @@
-"""What a training step trains on, and how: random horizontal flips (train.hflip), micro-batches
-with accumulated gradients (train.micro_batch_size) and gradient checkpointing
-(model.gradient_checkpointing); each against the step without it, and through interrupted and
-resumed runs."""
+"""What a training step trains on, and how: batches streamed from the (memory-mapped) training
+images, random horizontal flips (train.hflip), micro-batches with accumulated gradients
+(train.micro_batch_size) and gradient checkpointing (model.gradient_checkpointing); each against
+the step without it, and through interrupted and resumed runs."""
 
 import copy
+import threading
 
 import numpy as np
 import pytest
@@ -13,8 +14,11 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import training
+from pipeline.batches import Batches, batch_indices
+from pipeline.checkpoint import Checkpoints
 from pipeline.config import TrainParams, from_dict, to_dict
-from pipeline.data import to_model_range
+from pipeline.data import ImageSet, to_model_range
+from pipeline.distributed import World
 from pipeline.noise_scheduler import NoiseScheduler
 from pipeline.training import micro_batches, random_hflip, train, train_step
 from pipeline.unet import ResBlock, UNet
@@ -42,23 +46,25 @@ def test_half_of_the_images_are_flipped():
 
 
 @pytest.mark.parametrize("hflip", [False, True])
-def test_batches_are_drawn_then_flipped_by_the_training_generator(tmp_path, monkeypatch, hflip):
-    """The batches that reach train_step, against a replay of the generator: the indices, then a
-    coin per image (with hflip only), then train_step's timesteps and noise."""
+def test_batches_are_drawn_by_step_then_flipped_by_the_training_generator(tmp_path, monkeypatch,
+                                                                          hflip):
+    """The images that the loss sees, against a replay: the indices of each step from
+    batch_indices, then a coin per image from the training generator (with hflip only), then
+    train_step's timesteps and noise."""
     seen = []
-    real_step = training.train_step
+    real_loss = training.batch_loss
 
-    def recording(model, scheduler, optimizer, x0, *args, **kwargs):
+    def recording(model, scheduler, x0, *args, **kwargs):
         seen.append(x0.clone())
-        return real_step(model, scheduler, optimizer, x0, *args, **kwargs)
+        return real_loss(model, scheduler, x0, *args, **kwargs)
 
-    monkeypatch.setattr(training, "train_step", recording)
+    monkeypatch.setattr(training, "batch_loss", recording)
     params, data = tiny_params(steps=3, hflip=hflip), tiny_data()
     train(params, data, tmp_path, Recorder())
     replay = torch.Generator().manual_seed(params.train.seed)
     batch, pixels = params.train.batch_size, data.images.numpy()
-    for x0 in seen:
-        index = torch.randint(len(pixels), (batch,), generator=replay).numpy()
+    for step, x0 in enumerate(seen):
+        index = batch_indices(params.train.seed, step, batch, len(pixels)).numpy()
         coins = np.zeros(batch, bool)
         if hflip:
             coins = (torch.rand(batch, generator=replay) < 0.5).numpy()
@@ -66,7 +72,113 @@ def test_batches_are_drawn_then_flipped_by_the_training_generator(tmp_path, monk
         torch.randn(x0.shape, generator=replay)  # and its noise
         expected = np.where(coins[:, None, None, None], pixels[index][..., ::-1], pixels[index])
         assert torch.equal(x0, to_model_range(torch.from_numpy(expected.copy())))
-    assert len(seen) == 3
+    assert len(seen) == 3 and len({tuple(x.flatten().tolist()) for x in seen}) == 3
+
+
+def test_batch_indices_are_a_seeded_function_of_the_step():
+    first = [batch_indices(0, step, 64, 1000) for step in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, [batch_indices(0, s, 64, 1000)
+                                                         for s in range(3)]))
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], batch_indices(1, 0, 64, 1000))
+    counts = torch.bincount(torch.cat([batch_indices(0, s, 1000, 10) for s in range(100)]))
+    assert len(counts) == 10 and counts.min() > 9000  # uniform: 10,000 each, sd ~95
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: each rank reads its shard's rows of each batch; resumed runs stay bit for bit
+
+
+class RecordedRows:
+    """Stands in for ImageSet.images and records the rows each read takes."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images, self.reads = images, []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        self.reads.append(index.tolist())
+        return self.images[index]
+
+
+def memory_mapped(data: ImageSet, folder) -> ImageSet:
+    """data with its images in folder/images.npy, memory-mapped (copy-on-write) as
+    ImageSet.load maps them."""
+    np.save(folder / "images.npy", data.images.numpy())
+    images = torch.from_numpy(np.load(folder / "images.npy", mmap_mode="c"))
+    return ImageSet(images, data.labels, data.classes)
+
+
+def test_each_rank_reads_only_its_shard_of_each_batch_and_the_whole_batchs_labels():
+    data = tiny_data(32)
+    p = TrainParams(batch_size=8, seed=3)
+    steps, shards, loaded = range(5, 9), [], []
+    for rank in range(2):
+        world = World(rank, 2)
+        rows = RecordedRows(data.images)
+        with Batches(ImageSet(rows, data.labels, data.classes), p, world.shard(p.batch_size),
+                     True, world.device, steps) as batches:
+            loaded.append([next(batches) for _ in steps])
+        shards.append(rows.reads)
+    for i, step in enumerate(steps):
+        index = batch_indices(p.seed, step, p.batch_size, len(data)).tolist()
+        assert shards[0][i] == index[:4] and shards[1][i] == index[4:]  # disjoint halves
+        (x_0, labels_0), (x_1, labels_1) = loaded[0][i], loaded[1][i]
+        assert torch.equal(torch.cat([x_0, x_1]), to_model_range(data.images[index]))
+        assert torch.equal(labels_0, data.labels[index]) and torch.equal(labels_1, labels_0)
+    assert len(shards[0]) == len(shards[1]) == len(steps)  # nothing read beyond the last step
+
+
+def test_a_read_error_in_the_loader_is_raised_by_the_training_loop_and_stops_the_thread(tmp_path):
+    data = tiny_data()
+
+    class Failing(RecordedRows):
+        def __getitem__(self, index):
+            if len(self.reads) == 3:
+                raise OSError("disk gone")
+            return super().__getitem__(index)
+
+    logger = Recorder()
+    with pytest.raises(OSError, match="disk gone"):
+        train(tiny_params(), ImageSet(Failing(data.images), data.labels, data.classes), tmp_path,
+              logger, checkpoints=Checkpoints(tmp_path, "0" * 64))
+    assert [step for step, _ in logger.metrics] == [2]  # steps 1-3 ran; step 4 had no batch
+    assert not [t for t in threading.enumerate() if t.name == "batches"]
+
+
+def test_a_memory_mapped_set_has_the_identity_of_the_same_images_in_memory(tmp_path, monkeypatch):
+    """The identity hashes the images in chunks (a few rows here), never the whole set at once,
+    and that is the hash of all of them: a run resumes whichever way its images are held."""
+    monkeypatch.setattr(training, "HASH_CHUNK", 3 * 64)  # 3 images of 8x8 per chunk
+    data = tiny_data()
+    identity = training.fingerprint(tiny_params(), data)
+    assert training.fingerprint(tiny_params(), memory_mapped(data, tmp_path)) == identity
+    changed = data.images.clone()
+    changed[-1, 0, -1, -1] ^= 1  # one bit of the last chunk
+    assert training.fingerprint(tiny_params(), ImageSet(changed, data.labels, data.classes)) != \
+        identity
+
+
+@pytest.mark.parametrize("options", [{}, {"hflip": True, "micro_batch_size": 2}],
+                         ids=["plain", "hflip+micro"])
+def test_a_run_streamed_from_a_memory_mapped_set_resumes_exactly(tmp_path, options):
+    """Killed while logging step 4 (after a checkpoint at 2) and started again, a run on
+    memory-mapped images ends with the weights of the uninterrupted run, which are those of the
+    run on the same images in memory; the loader's thread is gone after the kill."""
+    params = tiny_params(**options)
+    (tmp_path / "data").mkdir()
+    mapped = memory_mapped(tiny_data(), tmp_path / "data")
+    train(params, tiny_data(), tmp_path / "in_memory", Recorder())
+    train(params, mapped, tmp_path / "clean", Recorder())
+    with pytest.raises(KeyboardInterrupt):
+        train(params, mapped, tmp_path / "resumed", Recorder(stop_at=4))
+    assert not [t for t in threading.enumerate() if t.name == "batches"]
+    logger = Recorder()
+    train(params, mapped, tmp_path / "resumed", logger)
+    assert [step for step, _ in logger.metrics] == [4, 6]
+    assert_same_weights(ema_weights(tmp_path / "in_memory"), ema_weights(tmp_path / "clean"))
+    assert_same_weights(ema_weights(tmp_path / "clean"), ema_weights(tmp_path / "resumed"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,12 +191,13 @@ def unet(dropout: float = 0.0, **options) -> UNet:
 
 
 def one_step(model, options, seed=0, labels=None, shard=slice(None)):
-    """train_step on X0 with a learning rate of 0: (loss, gradient norm, gradients, the
-    generator's state after it)."""
+    """train_step on the rows `shard` of the batch X0 with a learning rate of 0: (loss, gradient
+    norm, gradients, the generator's state after it)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     generator = torch.Generator().manual_seed(seed)
-    loss, norm = train_step(model, NoiseScheduler(100), optimizer, X0, labels, generator,
-                            TrainParams(grad_clip=0.0, **options), shard=shard)
+    loss, norm = train_step(model, NoiseScheduler(100), optimizer, X0[shard], labels, generator,
+                            TrainParams(grad_clip=0.0, **options), shard=shard,
+                            batch_size=len(X0))
     return loss, norm, [p.grad.clone() for p in model.parameters()], generator.get_state()
 
 
@@ -99,9 +212,8 @@ def assert_same_step(a, b, exact=False):
 
 
 def test_micro_batches_cut_the_shard_into_pieces_of_the_size():
-    assert micro_batches(slice(None), 8, 0) == [slice(0, 8)]
-    assert micro_batches(slice(None), 8, 2) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
-    assert micro_batches(slice(4, 8), 8, 2) == [slice(4, 6), slice(6, 8)]
+    assert micro_batches(8, 0) == [slice(0, 8)]
+    assert micro_batches(8, 2) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
 
 
 # Dropout 0: its masks are drawn per pass, so with dropout the passes would draw other masks
@@ -133,6 +245,22 @@ def test_micro_batches_of_a_shard_give_the_shards_gradients():
     model = unet()
     assert_same_step(one_step(copy.deepcopy(model), {"micro_batch_size": 2}, shard=slice(4, 8)),
                      one_step(model, {}, shard=slice(4, 8)))
+
+
+@pytest.mark.parametrize("options", [{}, {"hflip": True}, {"offset_noise": 0.1}])
+def test_the_shards_of_a_batch_make_the_step_of_the_whole_batch(options):
+    """What each DDP rank computes from its rows alone: the draws of the whole batch (the same
+    generator state after the step), and a loss and gradients whose mean over the ranks, as
+    DistributedDataParallel averages them, are the whole batch's."""
+    model = unet()
+    whole = one_step(copy.deepcopy(model), options)
+    halves = [one_step(copy.deepcopy(model), options, shard=World(rank, 2).shard(len(X0)))
+              for rank in range(2)]
+    assert all(torch.equal(half[3], whole[3]) for half in halves)
+    assert (halves[0][0] + halves[1][0]) / 2 == pytest.approx(whole[0], rel=1e-5)
+    for grad_0, grad_1, grad in zip(halves[0][2], halves[1][2], whole[2]):
+        torch.testing.assert_close((grad_0 + grad_1) / 2, grad, rtol=1e-5,
+                                   atol=1e-5 * grad.abs().max())
 
 
 def test_one_pass_is_the_step_without_micro_batches_bit_for_bit():
