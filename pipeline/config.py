@@ -78,6 +78,9 @@ class PreprocessParams:
     # error naming it, or (skip) warn, leave it out and report the count.
     on_bad_image: Literal["error", "skip"] = "error"
     allow_upscale: bool = False  # enlarge images smaller than image_size; else they are bad images
+    # Processes that decode, resize and crop the images; 0 = every core this process may use.
+    # The outputs are the same bytes for any count.
+    workers: int = spec(0, low=0)
 
 
 @dataclass(frozen=True)
