@@ -65,7 +65,8 @@ def spec(default: Any, *, low: float | None = None, high: float | None = None,
 
 @dataclass(frozen=True)
 class PreprocessParams:
-    data_dir: str = "data"  # ImageFolder root: <data_dir>/<split>/<class>/<image>
+    # ImageFolder root <data_dir>/<split>/<class>/<image>: a folder, or a .zip / .tar(.gz) of one
+    data_dir: str = "data/images.zip"
     train_split: str = "train"  # subfolder of training images; "" when data_dir has no splits
     test_split: str = "test"  # held-out subfolder; "" holds out `holdout_fraction` of the images
     holdout_fraction: float = spec(0.1, low=0.0, high=1.0, low_open=True, high_open=True)

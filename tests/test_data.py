@@ -384,7 +384,8 @@ def run_preprocess(tmp_path: Path, on_bad_image: str, counts: dict[str, int] | N
     if broken:
         (tmp_path / "data" / "train" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (tmp_path / "params.yaml").write_text(
-        f"preprocess:\n  test_split: ''\n  image_size: 8\n  on_bad_image: {on_bad_image}\n"
+        f"preprocess:\n  data_dir: data\n  test_split: ''\n  image_size: 8\n"
+        f"  on_bad_image: {on_bad_image}\n"
         "model:\n  channel_mult: [1, 2]\n  attention_resolutions: [4]\n")  # fits 8 px
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "stages.preprocess"], cwd=tmp_path, env=env,
