@@ -62,7 +62,8 @@ class ImageSet:
     def save(self, folder: str | Path) -> None:
         """Write the set as a folder (`SetFolder`), atomically."""
         with SetFolder.create(folder, len(self), tuple(self.images.shape[1:])) as out:
-            out.images[:] = self.images.numpy()
+            for row in range(0, len(self), 4096):  # bounded memory for a memory-mapped set too
+                out.put(row, self.images[row:row + 4096].numpy())
             out.finish(self.labels.numpy(), self.classes)
 
     @classmethod
@@ -85,14 +86,25 @@ IMAGES, LABELS, CLASSES = "images.npy", "labels.npy", "classes.json"
 class SetFolder:
     """An ImageSet being written: `images.npy` (uint8 [N, C, H, W]), `labels.npy` (int64 [N])
     and `classes.json` (the class names) in a temporary folder beside `folder`, which becomes
-    `folder` only when the block succeeds (pipeline.io.atomic_folder). The images are an
-    `open_memmap` array that the preprocess stage fills in place, so that its memory does not
-    grow with the data set."""
+    `folder` only when the block succeeds (pipeline.io.atomic_folder).
+
+    Rows are written with `os.pwrite` at their place in the file, in any order, not through a
+    memory map: the written pages then sit in the page cache, which the kernel writes back and
+    frees, rather than in this process's resident memory, so that the preprocess stage's memory
+    does not grow with the data set."""
 
     def __init__(self, tmp: Path, count: int, shape: tuple[int, ...]) -> None:
-        self.tmp = tmp
-        self.images = np.lib.format.open_memmap(tmp / IMAGES, mode="w+", dtype=np.uint8,
-                                                shape=(count, *shape))
+        self.tmp, self.count = tmp, count
+        images = np.lib.format.open_memmap(tmp / IMAGES, mode="w+", dtype=np.uint8,
+                                           shape=(count, *shape))  # the header, and the size
+        self.offset, self.row_bytes = images.offset, math.prod(shape)
+        del images
+        self.fd = os.open(tmp / IMAGES, os.O_WRONLY)
+
+    def put(self, row: int, image: np.ndarray) -> None:
+        """Write one image (uint8 [C, H, W]) or consecutive ones ([n, C, H, W]) from `row` on."""
+        os.pwrite(self.fd, np.ascontiguousarray(image, np.uint8).data,
+                  self.offset + row * self.row_bytes)
 
     @classmethod
     @contextlib.contextmanager
@@ -103,10 +115,12 @@ class SetFolder:
             shutil.rmtree(folder)  # atomic_folder moves into place only onto nothing
         with atomic_folder(folder) as tmp:
             out = cls(tmp, count, shape)
-            yield out
+            try:
+                yield out
+            finally:
+                os.close(out.fd)
 
     def finish(self, labels: np.ndarray, classes: tuple[str, ...]) -> None:
-        self.images.flush()
         np.save(self.tmp / LABELS, np.asarray(labels, dtype=np.int64))
         (self.tmp / CLASSES).write_text(json.dumps(list(classes)) + "\n")
 
@@ -500,7 +514,7 @@ def write_sets(tree: Tree, listing: Listing, excluded: np.ndarray, p: Preprocess
         rows = [*range(len(index[0])), *range(len(index[1]))]
 
         def put(i: int, array: np.ndarray) -> None:
-            sets[i].images[rows[i]] = array
+            sets[i].put(rows[i], array)
 
         decode_into(tree, [listing.files[i] for i in wanted], Shape(p.image_size, p.channels,
                     p.allow_upscale), bad, worker_count(p.workers), put, show_progress)
