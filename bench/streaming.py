@@ -5,10 +5,12 @@ against the training images held in memory, optionally by another revision's cod
 
 Both arms run `pipeline.training.train` on params.yaml's default run for --steps steps, in fresh
 processes, alternately (A, B, A, B, ...), so that drift of a shared machine's load hits both
-alike. The data is outputs/preprocess/train.pt (MNIST after `dvc repro preprocess`): arm
-"in memory" loads it as it is; arm "memory-mapped" loads its images from an .npy file with
-`np.load(mmap_mode="c")`. With --baseline REV the in-memory arm runs REV's code (`git archive`
-into a temporary folder), e.g. the code before streaming. The figure of a process is the
+alike. The data is the training set outputs/preprocess/train/ (MNIST after `dvc repro
+preprocess`): arm "in memory" reads its images.npy into RAM in full; arm "memory-mapped" maps
+it with `np.load(mmap_mode="c")`, as ImageSet.load does. Each arm builds its ImageSet from the
+arrays itself, so that with --baseline REV the in-memory arm can run REV's code (`git archive`
+into a temporary folder), e.g. 26a0210, the code before streaming, which put the whole set on
+the device. The figure of a process is the
 images/s of the second half of its steps (the first half warms up oneDNN and the page cache);
 the precision is fixed (--precision), since `auto` would time both in every process.
 """
@@ -42,10 +44,10 @@ def worker(job: dict) -> dict:
     steps = job["steps"]
     raw["train"].update(steps=steps, log_every=steps // 2, sample_every=10 * steps,
                         checkpoint_every=10 * steps, precision=job["precision"])
-    data = ImageSet.load(job["data"])
-    if job["mapped"]:
-        images = torch.from_numpy(np.load(job["mapped"], mmap_mode="c"))
-        data = ImageSet(images, data.labels, data.classes)
+    folder = Path(job["data"])
+    images = np.load(folder / "images.npy", mmap_mode="c" if job["mapped"] else None)
+    data = ImageSet(torch.from_numpy(images), torch.from_numpy(np.load(folder / "labels.npy")),
+                    tuple(json.loads((folder / "classes.json").read_text())))
     with tempfile.TemporaryDirectory() as out:
         state = train(from_dict(raw), data, Path(out), Logger())
     return {"images_per_s": state.history[-1]["images_per_s"]}
@@ -72,7 +74,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", help="git revision whose code runs the in-memory arm")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--data", type=Path, default=ROOT / "outputs/preprocess/train.pt")
+    parser.add_argument("--data", type=Path, default=ROOT / "outputs/preprocess/train")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/bench_streaming.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -81,14 +83,9 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    import numpy as np
-
     from bench.__main__ import cpu_name
-    from pipeline.data import ImageSet
 
     with tempfile.TemporaryDirectory() as tmp:
-        mapped = Path(tmp) / "images.npy"
-        np.save(mapped, ImageSet.load(args.data).images.numpy())
         code = {"in memory": str(ROOT), "memory-mapped": str(ROOT)}
         if args.baseline:
             (Path(tmp) / "baseline").mkdir()
@@ -99,8 +96,7 @@ def main() -> None:
         load_before = os.getloadavg()
         for _ in range(args.repeats):
             for arm, root in code.items():
-                mapped_file = str(mapped) if arm == "memory-mapped" else ""
-                runs[arm].append(run({**job, "root": root, "mapped": mapped_file}))
+                runs[arm].append(run({**job, "root": root, "mapped": arm == "memory-mapped"}))
                 print(f"{arm:13s} {runs[arm][-1]:7.1f} images/s", flush=True)
     medians = {arm: statistics.median(r) for arm, r in runs.items()}
     report = {"cpu": cpu_name(), "cpus": os.cpu_count(), "command": " ".join(sys.argv),

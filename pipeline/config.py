@@ -65,7 +65,8 @@ def spec(default: Any, *, low: float | None = None, high: float | None = None,
 
 @dataclass(frozen=True)
 class PreprocessParams:
-    data_dir: str = "data"  # ImageFolder root: <data_dir>/<split>/<class>/<image>
+    # ImageFolder root <data_dir>/<split>/<class>/<image>: a folder, or a .zip / .tar(.gz) of one
+    data_dir: str = "data/images.zip"
     train_split: str = "train"  # subfolder of training images; "" when data_dir has no splits
     test_split: str = "test"  # held-out subfolder; "" holds out `holdout_fraction` of the images
     holdout_fraction: float = spec(0.1, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -78,6 +79,9 @@ class PreprocessParams:
     # error naming it, or (skip) warn, leave it out and report the count.
     on_bad_image: Literal["error", "skip"] = "error"
     allow_upscale: bool = False  # enlarge images smaller than image_size; else they are bad images
+    # Processes that decode, resize and crop the images; 0 = every core this process may use.
+    # The outputs are the same bytes for any count.
+    workers: int = spec(0, low=0)
 
 
 @dataclass(frozen=True)

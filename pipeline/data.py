@@ -14,8 +14,16 @@ The model works in [-1, 1] (DDPM, Ho et al. 2020, sec. 3.3: pixels scaled linear
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import io
+import json
 import math
+import multiprocessing
+import os
+import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,7 +34,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import PreprocessParams
-from pipeline.io import load_torch, save_torch
+from pipeline.io import atomic_folder
+from pipeline.progress import Progress
+from pipeline.sources import Tree, open_tree
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".pbm", ".bmp", ".gif", ".tif",
                   ".tiff", ".webp"}
@@ -49,17 +59,70 @@ class ImageSet:
     def subset(self, index: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes)
 
-    def save(self, path: str | Path) -> None:
-        save_torch({"images": self.images, "labels": self.labels, "classes": list(self.classes)},
-                   path)
+    def save(self, folder: str | Path) -> None:
+        """Write the set as a folder (`SetFolder`), atomically."""
+        with SetFolder.create(folder, len(self), tuple(self.images.shape[1:])) as out:
+            for row in range(0, len(self), 4096):  # bounded memory for a memory-mapped set too
+                out.put(row, self.images[row:row + 4096].numpy())
+            out.finish(self.labels.numpy(), self.classes)
 
     @classmethod
-    def load(cls, path: str | Path) -> ImageSet:
-        path = Path(path)
-        if not path.exists():
-            raise DataError(f"{path}: not found; run the preprocess stage first (`dvc repro`)")
-        data = load_torch(path)
-        return cls(data["images"], data["labels"], tuple(data["classes"]))
+    def load(cls, folder: str | Path) -> ImageSet:
+        """The set in `folder`, its images memory-mapped: pages are read when used, so a data
+        set larger than memory trains, and copy-on-write (`mmap_mode="c"`), so that torch gets
+        a writable array whose writes never reach the file."""
+        folder = Path(folder)
+        if not folder.exists():
+            raise DataError(f"{folder}: not found; run the preprocess stage first (`dvc repro`)")
+        images = np.load(folder / IMAGES, mmap_mode="c")
+        labels = np.load(folder / LABELS)
+        classes = json.loads((folder / CLASSES).read_text())
+        return cls(torch.from_numpy(images), torch.from_numpy(labels), tuple(classes))
+
+
+IMAGES, LABELS, CLASSES = "images.npy", "labels.npy", "classes.json"
+
+
+class SetFolder:
+    """An ImageSet being written: `images.npy` (uint8 [N, C, H, W]), `labels.npy` (int64 [N])
+    and `classes.json` (the class names) in a temporary folder beside `folder`, which becomes
+    `folder` only when the block succeeds (pipeline.io.atomic_folder).
+
+    Rows are written with `os.pwrite` at their place in the file, in any order, not through a
+    memory map: the written pages then sit in the page cache, which the kernel writes back and
+    frees, rather than in this process's resident memory, so that the preprocess stage's memory
+    does not grow with the data set."""
+
+    def __init__(self, tmp: Path, count: int, shape: tuple[int, ...]) -> None:
+        self.tmp, self.count = tmp, count
+        images = np.lib.format.open_memmap(tmp / IMAGES, mode="w+", dtype=np.uint8,
+                                           shape=(count, *shape))  # the header, and the size
+        self.offset, self.row_bytes = images.offset, math.prod(shape)
+        del images
+        self.fd = os.open(tmp / IMAGES, os.O_WRONLY)
+
+    def put(self, row: int, image: np.ndarray) -> None:
+        """Write one image (uint8 [C, H, W]) or consecutive ones ([n, C, H, W]) from `row` on."""
+        os.pwrite(self.fd, np.ascontiguousarray(image, np.uint8).data,
+                  self.offset + row * self.row_bytes)
+
+    @classmethod
+    @contextlib.contextmanager
+    def create(cls, folder: str | Path, count: int,
+               shape: tuple[int, ...]) -> Iterator[SetFolder]:
+        folder = Path(folder)
+        if folder.exists():
+            shutil.rmtree(folder)  # atomic_folder moves into place only onto nothing
+        with atomic_folder(folder) as tmp:
+            out = cls(tmp, count, shape)
+            try:
+                yield out
+            finally:
+                os.close(out.fd)
+
+    def finish(self, labels: np.ndarray, classes: tuple[str, ...]) -> None:
+        np.save(self.tmp / LABELS, np.asarray(labels, dtype=np.int64))
+        (self.tmp / CLASSES).write_text(json.dumps(list(classes)) + "\n")
 
 
 @dataclass
@@ -114,7 +177,8 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def find_images(folder: Path, bad: BadImages) -> tuple[list[Path], list[str]]:
+def find_images(folder: Path, bad: BadImages, tree: Tree | None = None
+                ) -> tuple[list[Path], list[str]]:
     """The files of an ImageFolder tree and their class names, sorted.
 
     Classes are the sub-folders; a folder without sub-folders is one class named after it.
@@ -122,20 +186,22 @@ def find_images(folder: Path, bad: BadImages) -> tuple[list[Path], list[str]]:
     file which is not an image becomes a bad file when loaded rather than silently ignored.
     Files next to the class folders (README.md, train.csv) are not data; images among them are
     reported as left out (`warn_loose_images`). An empty class folder and a class folder that
-    is a symbolic link (which DVC would not pin) go to `bad`.
+    is a symbolic link (which DVC would not pin) go to `bad`. `tree` is where the folder is
+    (default: on disk; an `Archive` for the members of a zip or tar).
     """
-    if not folder.is_dir():
+    tree = tree or Tree(folder)
+    if not tree.is_dir(folder):
         raise DataError(f"{folder}: image folder not found")
-    entries = visible(folder)
-    class_dirs = sorted(d for d in entries if d.is_dir())
+    entries = visible(tree, folder)
+    class_dirs = sorted(d for d in entries if tree.is_dir(d))
     if class_dirs:
-        warn_loose_images(folder, entries)
+        warn_loose_images(tree, folder, entries)
     files, names = [], []
     for class_dir in class_dirs or [folder]:
-        if class_dir.is_symlink():
+        if tree.is_symlink(class_dir):
             bad.linked_folder(class_dir)
             continue
-        found = sorted(visible(class_dir))
+        found = sorted(visible(tree, class_dir))
         if class_dirs and not found:
             bad.empty_class(class_dir, "empty class folder")
         files += found
@@ -146,11 +212,11 @@ def find_images(folder: Path, bad: BadImages) -> tuple[list[Path], list[str]]:
     return files, names
 
 
-def warn_loose_images(folder: Path, entries: list[Path]) -> None:
+def warn_loose_images(tree: Tree, folder: Path, entries: list[Path]) -> None:
     """Say which images next to the class folders are left out: a user who put them there most
     likely meant them as data. Other files there (README.md, train.csv) are left out silently."""
     loose = sorted(p.name for p in entries
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                   if tree.is_file(p) and p.suffix.lower() in IMAGE_SUFFIXES)
     if loose:
         names = loose[0] if len(loose) == 1 else f"{loose[0]} ... {loose[-1]}"
         warn(f"{folder}: left out {plural(len(loose), 'image file')} beside the class folders "
@@ -163,19 +229,36 @@ def plural(count: int, noun: str, nouns: str = "") -> str:
     return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
-def visible(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+def visible(tree: Tree, folder: Path) -> list[Path]:
+    return [p for p in tree.iterdir(folder) if not p.name.startswith(".")]
 
 
 def load_image(path: Path, image_size: int, channels: int,
                allow_upscale: bool = False) -> np.ndarray:
-    """One image as uint8 [C, image_size, image_size]: converted, resized, centre-cropped.
+    """The image file at `path` as `decode_image` makes it."""
+    data = None if path.is_dir() else path.read_bytes()
+    return decode_image(path, data, Shape(image_size, channels, allow_upscale))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What each image becomes: `channels` x `image_size` x `image_size` uint8 pixels."""
+
+    image_size: int
+    channels: int
+    allow_upscale: bool = False
+
+
+def decode_image(path: Path, data: bytes | None, shape: Shape) -> np.ndarray:
+    """The image file `path`, whose bytes are `data` (None: it is a folder), as uint8
+    [C, image_size, image_size]: converted, resized, centre-cropped.
 
     Raises DataError naming the file if it is a folder (nested in a class folder) or not an
     image, cannot be decoded in full, has a mode without a defined 8-bit meaning, or (unless
     `allow_upscale`) is smaller than `image_size` on its shorter side.
     """
-    if path.is_dir():
+    image_size, channels = shape.image_size, shape.channels
+    if data is None:
         raise DataError(f"{path}: a folder inside the class folder {path.parent}; only "
                         "<class>/<image> is read, nothing nested deeper: move its images up into "
                         "the class folder, or make it a class folder of its own")
@@ -185,12 +268,12 @@ def load_image(path: Path, image_size: int, channels: int,
     # PIL's decoders signal corrupt data with many exception types (OSError, SyntaxError for
     # a broken PNG chunk, ValueError, EOFError, struct.error, DecompressionBombError, ...).
     try:
-        with Image.open(path) as image:
+        with Image.open(NamedBytes(data, path)) as image:
             image.load()  # open() reads only the header; a truncated file fails in the decode
     except Exception as err:  # noqa: BLE001
         raise DataError(f"{path}: cannot read image: {err}") from err
     width, height = image.size
-    if min(width, height) < image_size and not allow_upscale:
+    if min(width, height) < image_size and not shape.allow_upscale:
         raise DataError(f"{path}: {width}x{height} px is smaller than preprocess.image_size = "
                         f"{image_size} on its shorter side; set preprocess.allow_upscale: true "
                         "to enlarge such images")
@@ -204,6 +287,17 @@ def load_image(path: Path, image_size: int, channels: int,
     image = image.crop((left, top, left + image_size, top + image_size))
     array = np.asarray(image, dtype=np.uint8)
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+class NamedBytes(io.BytesIO):
+    """An image file's bytes, shown as its path: PIL's errors name the file object they read."""
+
+    def __init__(self, data: bytes, path: Path) -> None:
+        super().__init__(data)
+        self.path = path
+
+    def __repr__(self) -> str:
+        return repr(str(self.path))
 
 
 def to_8bit(path: Path, image: Image.Image, channels: int) -> Image.Image:
@@ -240,77 +334,241 @@ def on_black(image: Image.Image) -> Image.Image:
 
 def load_folder(folder: Path, image_size: int, channels: int, classes: list[str] | None = None,
                 allow_upscale: bool = False, bad: BadImages | None = None) -> ImageSet:
-    """Load an ImageFolder tree; with `classes` given, its class names must be among them.
+    """Load an ImageFolder tree into memory (evaluate's samples); with `classes` given, its class
+    names must be among them.
 
     Bad files and empty class folders go to `bad` (default: raise); a class whose files were
     all skipped is left out. No usable image at all is always an error.
     """
     bad = bad or BadImages()
+    shape = Shape(image_size, channels, allow_upscale)
     files, names = find_images(folder, bad)
-    arrays, kept = [], []
-    for path, name in zip(files, names):
-        try:
-            arrays.append(load_image(path, image_size, channels, allow_upscale))
-        except DataError as err:
-            bad.file(path, err)
-            continue
-        kept.append(name)
-    if not arrays:
-        raise DataError(f"{folder}: no usable images; all {len(files)} files were bad and skipped")
-    for name in sorted(set(names) - set(kept)):
+    images = np.empty((len(files), channels, image_size, image_size), np.uint8)
+
+    def put(i: int, array: np.ndarray) -> None:
+        images[i] = array
+
+    keep = decode_into(Tree(folder), files, shape, bad, 1, put)
+    labels, classes = label(folder, names, keep, classes, bad)
+    return ImageSet(torch.from_numpy(images[keep]), torch.from_numpy(labels[keep]), classes)
+
+
+def label(folder: Path, names: list[str], keep: np.ndarray, classes: list[str] | None,
+          bad: BadImages) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The label of each file (-1 for the skipped ones) and the class names: those given, else
+    every class with a kept file. A class whose files were all skipped goes to `bad`; with
+    `classes` given, a kept file of another class is an error."""
+    if not keep.any():
+        raise DataError(f"{folder}: no usable images; all {len(names)} files were bad and skipped")
+    kept = {n for n, k in zip(names, keep) if k}
+    for name in sorted(set(names) - kept):
         bad.empty_class(folder / name, "every file was skipped")
-    found = sorted(set(kept))
-    classes = classes or found
-    unknown = sorted(set(found) - set(classes))
+    classes = classes or sorted(kept)
+    unknown = sorted(kept - set(classes))
     if unknown:
         raise DataError(f"{folder}: classes {unknown} do not occur in the training images "
                         f"(known: {classes})")
     index = {name: i for i, name in enumerate(classes)}
-    labels = torch.tensor([index[n] for n in kept], dtype=torch.int64)
-    return ImageSet(torch.from_numpy(np.stack(arrays)), labels, tuple(classes))
+    labels = np.array([index[n] if k else -1 for n, k in zip(names, keep)], np.int64)
+    return labels, tuple(classes)
 
 
-def build_datasets(p: PreprocessParams) -> tuple[ImageSet, ImageSet, list[Path]]:
-    """The training set, the held-out reference set that evaluation compares samples with, and
-    the bad files skipped under `preprocess.on_bad_image: skip` (always empty under `error`)."""
+CHUNK = 64  # images per task sent to a worker process
+
+
+def decode_into(tree: Tree, files: list[Path], shape: Shape, bad: BadImages, workers: int,
+                put, show_progress: bool = False) -> np.ndarray:
+    """Decode `files` in `workers` processes and hand each image to `put(index, array)`, in the
+    order the source stores them; return which files were kept (a bool per file).
+
+    At most a few chunks per worker are in flight, so memory stays bounded by those, whatever
+    the number of images. A bad file goes to `bad`, in the same order for any worker count.
+    """
+    keep = np.zeros(len(files), bool)
+    chunks = batched(((i, files[i], data) for i, data in tree.read(files)), CHUNK)
+    progress = Progress(len(files), "preprocess", "image") if show_progress else None
+    done = 0
+    for chunk in parallel_map(decode_chunk, chunks, shape, workers):
+        for i, array in chunk:
+            if isinstance(array, DataError):
+                bad.file(files[i], array)
+            else:
+                put(i, array)
+                keep[i] = True
+        done += len(chunk)
+        if progress:
+            progress.update(done)
+    return keep
+
+
+def decode_chunk(chunk: list[tuple[int, Path, bytes | None]],
+                 shape: Shape) -> list[tuple[int, np.ndarray | DataError]]:
+    """One worker's task: decode each file, or keep its DataError to report in the parent."""
+    out = []
+    for i, path, data in chunk:
+        try:
+            out.append((i, decode_image(path, data, shape)))
+        except DataError as err:
+            out.append((i, err))
+    return out
+
+
+def batched(items: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def parallel_map(fn, items: Iterator, arg, workers: int) -> Iterator:
+    """fn(item, arg) for each item, in order, in `workers` processes (1: in this one).
+
+    Unlike Pool.imap, which reads its whole input ahead, at most 4 tasks per worker are
+    submitted before their results are taken: the input is the images' bytes."""
+    if workers == 1:
+        yield from (fn(item, arg) for item in items)
+        return
+    with multiprocessing.Pool(workers) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, (item, arg)))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def worker_count(workers: int) -> int:
+    """`preprocess.workers`, with 0 meaning every core this process may run on."""
+    return workers or len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The files of the training split, then those of the test split (if there is one)."""
+
+    files: list[Path]
+    names: list[str]  # each file's class
+    train_files: int  # files[:train_files] are the training split's
+    train_folder: Path
+    test_folder: Path | None  # None: the held-out set is drawn from the training split
+
+
+class Redo(Exception):
+    """Bad images were skipped: draw the sets again without them (`build_datasets`)."""
+
+
+def build_datasets(p: PreprocessParams, train_out: Path, reference_out: Path,
+                   show_progress: bool = False) -> tuple[ImageSet, ImageSet, list[Path]]:
+    """Write the training set and the held-out reference set that evaluation compares samples
+    with to their folders and return them, with the bad files skipped under
+    `preprocess.on_bad_image: skip` (always empty under `error`).
+
+    The hold-out split and the random subsets are drawn over the listed files, so each image is
+    decoded once, by a worker, and written straight into its row of the memory-mapped output:
+    memory does not grow with the data set, and the outputs are the same bytes for any
+    `preprocess.workers`. A skipped bad image would leave a gap, so then the sets are drawn
+    again over the files without it and written anew (each round finds at least one more bad
+    file): the result is as if the bad files were not there, at the cost of a second pass only
+    for data with bad files.
+    """
     root = Path(p.data_dir)
-    if not root.is_dir():
+    if not root.exists():
         raise DataError(f"preprocess.data_dir = '{p.data_dir}': folder not found. Get the default "
                         "data with `uv run python -m stages.get_data`, or point "
-                        "preprocess.data_dir at your own ImageFolder tree")
-    generator = torch.Generator().manual_seed(p.seed)
+                        "preprocess.data_dir at your own ImageFolder tree (or a .zip or .tar.gz "
+                        "of one)")
+    tree = open_tree(root)
     bad = BadImages(p.on_bad_image)
-    train_dir = split_folder(root, "preprocess.train_split", p.train_split, "training",
-                             'set preprocess.train_split to "" if preprocess.data_dir itself '
-                             "holds the class folders")
-    train = load_folder(train_dir, p.image_size, p.channels, allow_upscale=p.allow_upscale,
-                        bad=bad)
-    if p.test_split:
-        test_dir = split_folder(root, "preprocess.test_split", p.test_split, "held-out",
-                                'set preprocess.test_split to "" (-S preprocess.test_split="") '
-                                f"to hold out preprocess.holdout_fraction = {p.holdout_fraction} "
-                                "of the training images instead")
-        held_out = load_folder(test_dir, p.image_size, p.channels, list(train.classes),
-                               allow_upscale=p.allow_upscale, bad=bad)
+    listing = list_files(tree, root, p, bad)
+    excluded = np.zeros(len(listing.files), bool)
+    while True:
+        try:
+            write_sets(tree, listing, excluded, p, bad, (train_out, reference_out), show_progress)
+            return ImageSet.load(train_out), ImageSet.load(reference_out), bad.skipped
+        except Redo:
+            excluded |= np.isin(listing.files, bad.skipped)
+
+
+def write_sets(tree: Tree, listing: Listing, excluded: np.ndarray, p: PreprocessParams,
+               bad: BadImages, outs: tuple[Path, Path], show_progress: bool) -> None:
+    """Draw the sets over the files not `excluded`, decode them into their folders; Redo when a
+    file was skipped (the folders are then not written)."""
+    n = listing.train_files
+    names = np.array(listing.names, dtype=object)
+    labels, classes = label(listing.train_folder, list(names[:n]), ~excluded[:n], None, bad)
+    if listing.test_folder:
+        held, _ = label(listing.test_folder, list(names[n:]), ~excluded[n:], list(classes), bad)
+        labels = np.concatenate([labels, held])
+    index = draw(np.flatnonzero(~excluded), n, listing.test_folder is not None, p)
+    wanted = np.concatenate(index)
+    size = (p.channels, p.image_size, p.image_size)
+    skipped = len(bad.skipped)
+    with (SetFolder.create(outs[0], len(index[0]), size) as train,
+          SetFolder.create(outs[1], len(index[1]), size) as reference):
+        sets = [train] * len(index[0]) + [reference] * len(index[1])
+        rows = [*range(len(index[0])), *range(len(index[1]))]
+
+        def put(i: int, array: np.ndarray) -> None:
+            sets[i].put(rows[i], array)
+
+        decode_into(tree, [listing.files[i] for i in wanted], Shape(p.image_size, p.channels,
+                    p.allow_upscale), bad, worker_count(p.workers), put, show_progress)
+        if len(bad.skipped) > skipped:
+            raise Redo
+        train.finish(labels[index[0]], classes)
+        reference.finish(labels[index[1]], classes)
+
+
+def draw(usable: np.ndarray, train_files: int, test_split: bool,
+         p: PreprocessParams) -> tuple[np.ndarray, np.ndarray]:
+    """The file indices of the training set and of the reference set, in their order: the
+    seeded hold-out split (without a test split) and random subsets, as `usable` allows."""
+    generator = torch.Generator().manual_seed(p.seed)
+    train = torch.from_numpy(usable[usable < train_files])
+    if test_split:
+        held = torch.from_numpy(usable[usable >= train_files])
     else:
-        order = torch.randperm(len(train), generator=generator)
+        order = train[torch.randperm(len(train), generator=generator)]
         n_held = max(1, round(p.holdout_fraction * len(train)))
         if n_held >= len(train):
             raise DataError(f"preprocess.holdout_fraction = {p.holdout_fraction} leaves no "
                             f"training images out of {len(train)}")
-        train, held_out = train.subset(order[n_held:]), train.subset(order[:n_held])
-    return (random_subset(train, p.max_train_images or len(train), generator),
-            random_subset(held_out, p.max_reference_images, generator), bad.skipped)
+        train, held = order[n_held:], order[:n_held]
+    train = random_subset(train, p.max_train_images or len(train), generator)
+    held = random_subset(held, p.max_reference_images, generator)
+    return train.numpy(), held.numpy()
 
 
-def split_folder(root: Path, key: str, split: str, what: str, otherwise: str) -> Path:
+def list_files(tree: Tree, root: Path, p: PreprocessParams, bad: BadImages) -> Listing:
+    """The files of the training split and of the test split, checked (`find_images`)."""
+    train_dir = split_folder(tree, root, "preprocess.train_split", p.train_split, "training",
+                             'set preprocess.train_split to "" if preprocess.data_dir itself '
+                             "holds the class folders")
+    files, names = find_images(train_dir, bad, tree)
+    count, test_dir = len(files), None
+    if p.test_split:
+        test_dir = split_folder(tree, root, "preprocess.test_split", p.test_split, "held-out",
+                                'set preprocess.test_split to "" (-S preprocess.test_split="") '
+                                f"to hold out preprocess.holdout_fraction = {p.holdout_fraction} "
+                                "of the training images instead")
+        test_files, test_names = find_images(test_dir, bad, tree)
+        files, names = files + test_files, names + test_names
+    return Listing(files, names, count, train_dir, test_dir)
+
+
+def split_folder(tree: Tree, root: Path, key: str, split: str, what: str, otherwise: str) -> Path:
     """root/split, checked. A missing folder is an error naming the key that names it and the
     other way (`otherwise`); a linked one is refused, since `dvc add data` would skip it."""
     folder = root / split
-    if split and folder.is_symlink():
+    if split and tree.is_symlink(folder):
         problem, fix = link_problem(folder)
         raise DataError(f"{problem}; {fix}")
-    if not folder.is_dir():
+    if not tree.is_dir(folder):
         raise DataError(f"{folder}: {what} image folder not found ({key} = '{split}'); put the "
                         f"{what} images in {folder}/<class>/<image>, or {otherwise}")
     return folder
@@ -329,11 +587,11 @@ def summary(train: ImageSet, reference: ImageSet, p: PreprocessParams,
     return "\n".join(lines)
 
 
-def random_subset(images: ImageSet, size: int, generator: torch.Generator) -> ImageSet:
-    """At most `size` images, drawn without replacement, in their original order."""
-    if len(images) <= size:
-        return images
-    return images.subset(torch.randperm(len(images), generator=generator)[:size].sort().values)
+def random_subset(rows: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """At most `size` of the rows, drawn without replacement, in their original order."""
+    if len(rows) <= size:
+        return rows
+    return rows[torch.randperm(len(rows), generator=generator)[:size].sort().values]
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:

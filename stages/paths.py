@@ -8,9 +8,9 @@ from pathlib import Path
 
 from pipeline.io import project_root
 
-# preprocess
-TRAIN_SET = Path("outputs/preprocess/train.pt")
-REFERENCE_SET = Path("outputs/preprocess/reference.pt")  # the held-out images evaluate uses
+# preprocess: each set a folder of images.npy, labels.npy and classes.json (pipeline.data.ImageSet)
+TRAIN_SET = Path("outputs/preprocess/train")
+REFERENCE_SET = Path("outputs/preprocess/reference")  # the held-out images evaluate uses
 
 # train_classifier
 CLASSIFIER = Path("outputs/classifier/model.pt")

@@ -39,7 +39,7 @@ def make_project(folder: Path, **sections) -> Path:
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     images = torch.randint(0, 256, (64, 1, 8, 8), generator=torch.Generator().manual_seed(0),
                            dtype=torch.uint8)
-    ImageSet(images, torch.arange(64) % 2, ("a", "b")).save(folder / "outputs/preprocess/train.pt")
+    ImageSet(images, torch.arange(64) % 2, ("a", "b")).save(folder / "outputs/preprocess/train")
     return folder
 
 

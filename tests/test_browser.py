@@ -37,7 +37,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCREENSHOT_ENV = "MLFLOW_UI_SCREENSHOT"
 STAGES = ["preprocess", "train_classifier", "train", "sample", "evaluate"]
 TINY = {
-    "preprocess": {"image_size": 16, "max_reference_images": 40},
+    "preprocess": {"data_dir": "data", "image_size": 16, "max_reference_images": 40},
     "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [8],
               "num_heads": 2, "norm_groups": 4},
     "train": {"steps": 30, "batch_size": 8, "warmup_steps": 2, "log_every": 3,

@@ -4,6 +4,8 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
+
+
+def build(p: PreprocessParams) -> tuple[ImageSet, ImageSet, list[Path]]:
+    """build_datasets, writing its sets beside the data folder."""
+    out = Path(f"{p.data_dir}-out")
+    return build_datasets(p, out / "train", out / "reference")
 
 
 def folder(root: Path, counts: dict[str, int], size: int = 6) -> Path:
@@ -75,7 +83,7 @@ def test_build_datasets_with_test_split(tmp_path):
     folder(tmp_path / "train", {"0": 3, "1": 2})
     folder(tmp_path / "test", {"1": 1})
     p = PreprocessParams(data_dir=str(tmp_path), image_size=6, channels=1)
-    train, reference, skipped = build_datasets(p)
+    train, reference, skipped = build(p)
     assert train.images.shape == (5, 1, 6, 6) and train.images.dtype == torch.uint8
     assert train.labels.tolist() == [0, 0, 0, 1, 1]
     assert reference.classes == ("0", "1") and reference.labels.tolist() == [1]
@@ -87,39 +95,39 @@ def test_test_split_with_an_unknown_class_is_refused(tmp_path):
     folder(tmp_path / "train", {"0": 1})
     folder(tmp_path / "test", {"9": 1})
     with pytest.raises(DataError, match=r"\['9'\]"):
-        build_datasets(PreprocessParams(data_dir=str(tmp_path), image_size=6))
+        build(PreprocessParams(data_dir=str(tmp_path), image_size=6))
 
 
 def test_holdout_split_is_disjoint_seeded_and_capped(tmp_path):
     folder(tmp_path / "all", {"0": 10, "1": 10})
     p = PreprocessParams(data_dir=str(tmp_path / "all"), train_split="", test_split="",
                          holdout_fraction=0.25, image_size=6, max_train_images=12)
-    train, reference, _ = build_datasets(p)
+    train, reference, _ = build(p)
     assert len(reference) == 5 and len(train) == 12
     pixel_values = lambda s: {int(v) for v in s.images[:, 0, 0, 0]}  # noqa: E731
     assert not pixel_values(train) & pixel_values(reference)  # every image is unique
-    again_train, again_reference, _ = build_datasets(p)
+    again_train, again_reference, _ = build(p)
     assert torch.equal(train.images, again_train.images)
     assert torch.equal(reference.images, again_reference.images)
 
 
 def test_missing_data_dir_says_how_to_get_data(tmp_path):
     with pytest.raises(DataError, match=r"preprocess.data_dir.*stages.get_data"):
-        build_datasets(PreprocessParams(data_dir=str(tmp_path / "none")))
+        build(PreprocessParams(data_dir=str(tmp_path / "none")))
 
 
 def test_missing_split_folders_name_their_key_and_what_else_to_set(tmp_path):
     folder(tmp_path / "train", {"0": 2})
     p = PreprocessParams(data_dir=str(tmp_path), image_size=6)
     with pytest.raises(DataError) as err:
-        build_datasets(p)
+        build(p)
     assert str(err.value) == (
         f"{tmp_path / 'test'}: held-out image folder not found (preprocess.test_split = 'test'); "
         f"put the held-out images in {tmp_path / 'test'}/<class>/<image>, or set "
         'preprocess.test_split to "" (-S preprocess.test_split="") to hold out '
         "preprocess.holdout_fraction = 0.1 of the training images instead")
     with pytest.raises(DataError) as err:
-        build_datasets(PreprocessParams(data_dir=str(tmp_path), train_split="all", image_size=6))
+        build(PreprocessParams(data_dir=str(tmp_path), train_split="all", image_size=6))
     assert str(err.value) == (
         f"{tmp_path / 'all'}: training image folder not found (preprocess.train_split = 'all'); "
         f"put the training images in {tmp_path / 'all'}/<class>/<image>, or set "
@@ -133,7 +141,7 @@ def test_linked_split_folder_is_refused(tmp_path):
     p = PreprocessParams(data_dir=str(tmp_path / "data"), test_split="", image_size=6)
     with pytest.raises(DataError, match=at(tmp_path / "data" / "train") + ": a symbolic link to "
                        + re.escape(f"{tmp_path / 'elsewhere'}; DVC does not version")):
-        build_datasets(p)
+        build(p)
 
 
 # --- bad files: each is an error naming it, or with on_bad_image: skip a warning and a count ---
@@ -175,11 +183,11 @@ def test_non_image_in_class_folder_is_bad_but_dotfiles_and_top_level_files_are_n
     for name in ("README.md", "train.csv", "LICENSE", "train/notes.md", "train/0/.DS_Store"):
         (tmp_path / name).write_text("x")
     p = PreprocessParams(data_dir=str(tmp_path), image_size=6)
-    assert len(build_datasets(p)[0]) == 3  # files next to class folders, and dotfiles, are fine
+    assert len(build(p)[0]) == 3  # files next to class folders, and dotfiles, are fine
     (tmp_path / "train" / "1" / "labels.txt").write_text("1")
     labels = at(tmp_path / "train" / "1" / "labels.txt")
     with pytest.raises(DataError, match=labels + r": not an image file \(expected one of .*\.png"):
-        build_datasets(p)
+        build(p)
 
 
 def test_linked_class_folder_is_refused_or_skipped_but_a_linked_file_is_read(tmp_path, capsys):
@@ -239,7 +247,7 @@ def test_skip_mode_warns_per_file_counts_and_keeps_the_good_images(tmp_path, cap
     for path in bad:
         path.write_text("garbage")
     p = PreprocessParams(data_dir=str(tmp_path), image_size=6, on_bad_image="skip")
-    train, reference, skipped = build_datasets(p)
+    train, reference, skipped = build(p)
     assert skipped == bad
     assert train.labels.tolist() == [0, 0, 1] and len(reference) == 1
     lines = capsys.readouterr().err.splitlines()
@@ -376,7 +384,8 @@ def run_preprocess(tmp_path: Path, on_bad_image: str, counts: dict[str, int] | N
     if broken:
         (tmp_path / "data" / "train" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (tmp_path / "params.yaml").write_text(
-        f"preprocess:\n  test_split: ''\n  image_size: 8\n  on_bad_image: {on_bad_image}\n"
+        f"preprocess:\n  data_dir: data\n  test_split: ''\n  image_size: 8\n"
+        f"  on_bad_image: {on_bad_image}\n"
         "model:\n  channel_mult: [1, 2]\n  attention_resolutions: [4]\n")  # fits 8 px
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "stages.preprocess"], cwd=tmp_path, env=env,
@@ -389,7 +398,7 @@ def test_preprocess_stage_reports_a_broken_image_in_one_line(tmp_path):
     assert result.stderr.strip() == ("preprocess: error: data/train/1/broken.png: cannot read "
                                      "image: cannot identify image file "
                                      "'data/train/1/broken.png'")
-    assert not (tmp_path / "outputs").exists()
+    assert not list((tmp_path / "outputs").rglob("*.npy"))  # nothing written, not even in part
 
 
 def test_preprocess_stage_skips_and_counts_a_broken_image(tmp_path):
@@ -399,7 +408,7 @@ def test_preprocess_stage_skips_and_counts_a_broken_image(tmp_path):
     assert result.stdout.splitlines() == [
         "preprocess: 3 training images and 1 reference image, 1x8x8, 2 classes",
         "preprocess: skipped 1 bad file (preprocess.on_bad_image: skip)"]
-    assert len(ImageSet.load(tmp_path / "outputs" / "preprocess" / "train.pt")) == 3  # 4 - 1 held
+    assert len(ImageSet.load(tmp_path / "outputs" / "preprocess" / "train")) == 3  # 4 - 1 held
 
 
 def test_preprocess_stage_counts_read_right_for_one_and_zero(tmp_path):
@@ -412,8 +421,8 @@ def test_preprocess_stage_counts_read_right_for_one_and_zero(tmp_path):
 def test_image_set_save_load_roundtrip(tmp_path):
     images = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
     original = ImageSet(images, torch.tensor([0, 1, 1, 0]), ("x", "y"))
-    original.save(tmp_path / "set.pt")
-    loaded = ImageSet.load(tmp_path / "set.pt")
+    original.save(tmp_path / "set")
+    loaded = ImageSet.load(tmp_path / "set")
     assert torch.equal(loaded.images, images) and loaded.labels.tolist() == [0, 1, 1, 0]
     assert loaded.classes == ("x", "y")
 
@@ -434,3 +443,110 @@ def test_grid_image_matches_torchvision_make_grid(channels):
     ours = np.asarray(grid_image(images, columns=4))
     reference = torchvision.utils.make_grid(images, nrow=4, padding=2).permute(1, 2, 0).numpy()
     assert np.array_equal(ours, reference[..., 0] if channels == 1 else reference)
+
+
+# --- preprocessing in parallel, from folders and archives, into memory-mapped sets ---
+
+def mixed_folder(root: Path) -> Path:
+    """train/ and test/ of small RGB images of different sizes, varied pixels."""
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", {"0": 70, "1": 60}), ("test", {"0": 5, "1": 4})):
+        for name, n in counts.items():
+            for i in range(n):
+                shape = (9 + i % 4, 8 + i % 3, 3)
+                save(root / split / name / f"{i:03d}.png", rng.integers(0, 256, shape, np.uint8))
+    return root
+
+
+def set_bytes(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("test_split", ["test", ""])
+def test_outputs_are_the_same_bytes_for_any_worker_count(tmp_path, test_split):
+    data = mixed_folder(tmp_path / "data")
+    outputs = []
+    for workers in (1, 2, 3):
+        p = PreprocessParams(data_dir=str(data), image_size=8, channels=3, workers=workers,
+                             test_split=test_split, max_train_images=100)
+        out = tmp_path / f"out{workers}"
+        build_datasets(p, out / "train", out / "reference")
+        outputs.append((set_bytes(out / "train"), set_bytes(out / "reference")))
+    assert outputs[0] == outputs[1] == outputs[2]
+    train = ImageSet.load(tmp_path / "out1" / "train")
+    assert train.images.shape == (100, 3, 8, 8) and train.classes == ("0", "1")
+    # Row by row the images are those of the files the labels name, decoded one at a time.
+    files, _ = find_images(data / "train", BadImages())
+    decoded = {load_image(f, 8, 3).tobytes(): f.parent.name for f in files}
+    assert [decoded[row.numpy().tobytes()] for row in train.images] == [
+        train.classes[i] for i in train.labels]
+
+
+def archive(data: Path, path: Path) -> Path:
+    """`data`'s files as a zip or a tar(.gz), `train/0/000.png` members, in a shuffled order."""
+    files = sorted(f for f in data.rglob("*") if f.is_file())
+    files = [files[i] for i in np.random.default_rng(1).permutation(len(files))]
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as z:
+            for f in files:
+                z.write(f, f.relative_to(data).as_posix())
+    else:
+        with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as tar:
+            for f in files:
+                tar.add(f, f"./{f.relative_to(data).as_posix()}")
+    return path
+
+
+@pytest.mark.parametrize("name", ["images.zip", "images.tar.gz", "images.tar"])
+def test_an_archive_gives_the_same_sets_as_its_folder(tmp_path, name):
+    data = mixed_folder(tmp_path / "data")
+    results = []
+    for source in (data, archive(data, tmp_path / name)):
+        p = PreprocessParams(data_dir=str(source), image_size=8, channels=3, test_split="",
+                             workers=2)
+        out = tmp_path / f"out-{source.name}"
+        build_datasets(p, out / "train", out / "reference")
+        results.append((set_bytes(out / "train"), set_bytes(out / "reference")))
+    assert results[0] == results[1]
+
+
+def test_a_corrupt_archive_member_is_named_like_a_file(tmp_path, capsys):
+    data = folder(tmp_path / "data" / "train", {"0": 3, "1": 2}).parent
+    folder(data / "test", {"1": 1})
+    (data / "train" / "1" / "broken.png").write_bytes(b"not a png")
+    zipped = archive(data, tmp_path / "images.zip")
+    with pytest.raises(DataError) as err:
+        build(PreprocessParams(data_dir=str(zipped), image_size=6))
+    member = zipped / "train" / "1" / "broken.png"
+    assert str(err.value) == (f"{member}: cannot read image: cannot identify image file "
+                              f"'{member}'")
+    train, reference, skipped = build(PreprocessParams(data_dir=str(zipped), image_size=6,
+                                                       on_bad_image="skip"))
+    assert skipped == [member] and len(train) == 5 and len(reference) == 1
+    assert capsys.readouterr().err.startswith(f"warning: skipped {member}: cannot read image")
+
+
+def test_a_skipped_image_leaves_no_gap_in_the_held_out_split(tmp_path):
+    # 10 good images and a broken one: the sets are drawn as if the broken file were not there.
+    data = folder(tmp_path / "data", {"0": 10})
+    p = PreprocessParams(data_dir=str(data), train_split="", test_split="", image_size=6,
+                         holdout_fraction=0.2, on_bad_image="skip")
+    clean = build(p)
+    (data / "0" / "5b.png").write_bytes(b"broken")
+    train, reference, skipped = build(p)
+    assert skipped == [data / "0" / "5b.png"]
+    assert torch.equal(train.images, clean[0].images)
+    assert torch.equal(reference.images, clean[1].images) and len(reference) == 2
+
+
+def test_a_loaded_set_is_memory_mapped_and_writable_without_touching_its_file(tmp_path):
+    ImageSet(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1, 0]),
+             ("a", "b")).save(tmp_path / "set")
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == [
+        "classes.json", "images.npy", "labels.npy"]
+    loaded = ImageSet.load(tmp_path / "set")
+    loaded.images[0] = 255  # copy-on-write: the process's pages change, the file does not
+    assert ImageSet.load(tmp_path / "set").images.sum() == 0
+    assert loaded.labels.dtype == torch.int64 and loaded.images.is_contiguous()
+    with pytest.raises(DataError, match="not found; run the preprocess stage"):
+        ImageSet.load(tmp_path / "missing")

@@ -6,7 +6,9 @@ import http.server
 import io
 import subprocess
 import tarfile
+import tempfile
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import yaml
 
 from pipeline import fetch
 from pipeline.data import DataError
-from pipeline.fetch import MIRROR_ENV, Source, get_data, unpack
+from pipeline.fetch import MIRROR_ENV, Source, get_data, pack, unpack
 
 FILES = {"train/0/1.png": b"zero", "train/1/2.png": b"one", "test/0/3.png": b"three",
          "README.md": b"tiny"}
@@ -32,6 +34,28 @@ def make_archive(path: Path, files: dict[str, bytes], prefix: str = "./") -> Pat
 
 def tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def packed(data: Path) -> dict[str, bytes]:
+    """What data/ holds: the members of data/images.zip, and nothing beside it."""
+    assert [p.name for p in data.iterdir()] == ["images.zip"]
+    with zipfile.ZipFile(data / "images.zip") as z:
+        return {name: z.read(name) for name in z.namelist()}
+
+
+def edit(repo: Path) -> None:
+    """Change the workspace's data, as a user's edit would."""
+    files = {**packed(repo / "data"), "README.md": b"my edit"}
+    write_packed(repo / "data", files)
+
+
+def write_packed(data: Path, files: dict[str, bytes]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in files.items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / name).write_bytes(content)
+        data.mkdir(exist_ok=True)
+        pack(Path(tmp), data / "images.zip")
 
 
 @pytest.mark.parametrize("prefix", ["./", "mnist-pngs-main/"])
@@ -62,9 +86,8 @@ def served(tmp_path):
 def tiny_repo(tmp_path: Path, files: dict[str, bytes]) -> Path:
     """A git + DVC repository whose data.dvc pins `files` (then removed, as on a fresh clone)."""
     repo = tmp_path / "repo"
-    for name, data in files.items():
-        (repo / "data" / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / "data" / name).write_bytes(data)
+    repo.mkdir(parents=True)
+    write_packed(repo / "data", files)
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "add", "-q", "data"]):
         subprocess.run(command, cwd=repo, check=True)
     subprocess.run(["rm", "-rf", "data", ".dvc/cache"], cwd=repo, check=True)
@@ -92,7 +115,7 @@ def test_mirror_fills_data_exactly_as_data_dvc_pins(tmp_path, monkeypatch):
     mirror.mkdir()
     use_source(monkeypatch, make_archive(mirror / "set.tar.gz", FILES), pin(repo))
     assert "verified" in get_data(repo_root=repo, mirror=str(mirror))
-    assert tree(repo / "data") == FILES
+    assert packed(repo / "data") == FILES
     assert "up to date" in dvc_status(repo)  # data and cache match data.dvc
     assert "already matches" in get_data(repo_root=repo, mirror=str(mirror))
 
@@ -103,7 +126,7 @@ def test_download_path_over_real_http(tmp_path, monkeypatch, served):
     archive = make_archive(www / "main.tar.gz", FILES, prefix="mnist-pngs-main/")
     use_source(monkeypatch, archive, pin(repo), f"{url}/main.tar.gz")
     get_data(repo_root=repo, mirror=None)
-    assert tree(repo / "data") == FILES and "up to date" in dvc_status(repo)
+    assert packed(repo / "data") == FILES and "up to date" in dvc_status(repo)
 
 
 def test_data_that_differs_from_data_dvc_is_refused_and_data_dvc_kept(tmp_path, monkeypatch):
@@ -147,12 +170,12 @@ def test_changed_workspace_data_is_not_replaced_without_force(tmp_path, monkeypa
     mirror.mkdir()
     use_source(monkeypatch, make_archive(mirror / "set.tar.gz", FILES), pin(repo))
     get_data(repo_root=repo, mirror=str(mirror))
-    (repo / "data" / "README.md").write_bytes(b"my edit")
+    edit(repo)
     with pytest.raises(DataError, match="--force"):
         get_data(repo_root=repo, mirror=str(mirror))
-    assert (repo / "data" / "README.md").read_bytes() == b"my edit"
+    assert packed(repo / "data")["README.md"] == b"my edit"
     get_data(repo_root=repo, mirror=str(mirror), force=True)
-    assert tree(repo / "data") == FILES
+    assert packed(repo / "data") == FILES
 
 
 # --- get_data mnist after another set was pinned: MNIST back, data.dvc as shipped ---
@@ -172,7 +195,7 @@ def switched(tmp_path: Path, monkeypatch) -> tuple[Path, str, Path]:
                name="cifar10")
     get_data(repo_root=repo, mirror=str(mirror))
     get_data("cifar10", repo_root=repo, mirror=str(mirror))
-    assert tree(repo / "data") == OTHER and (repo / "data.dvc").read_text() != shipped
+    assert packed(repo / "data") == OTHER and (repo / "data.dvc").read_text() != shipped
     return repo, shipped, mirror
 
 
@@ -180,7 +203,7 @@ def test_mnist_after_another_set_brings_back_mnist_and_the_shipped_data_dvc(tmp_
                                                                           monkeypatch):
     repo, shipped, mirror = switched(tmp_path, monkeypatch)
     message = get_data("mnist", repo_root=repo, mirror=str(mirror))
-    assert tree(repo / "data") == FILES
+    assert packed(repo / "data") == FILES
     assert (repo / "data.dvc").read_text() == shipped  # byte for byte: git shows no change
     assert "up to date" in dvc_status(repo)
     assert message == (f"data/ holds mnist again, and data.dvc pins it as this repository ships "
@@ -191,24 +214,24 @@ def test_mnist_after_another_set_brings_back_mnist_and_the_shipped_data_dvc(tmp_
 
 def test_switching_back_never_loses_changed_data_or_an_uncommitted_pin(tmp_path, monkeypatch):
     repo, shipped, mirror = switched(tmp_path, monkeypatch)
-    (repo / "data" / "README.md").write_bytes(b"my edit")
+    edit(repo)
     with pytest.raises(DataError, match=r"data/ differs from data.dvc .*, which pins cifar10, "
                        r"not mnist; keep the changes with `dvc add data`"):
         get_data("mnist", repo_root=repo, mirror=str(mirror))
-    assert (repo / "data" / "README.md").read_bytes() == b"my edit"
+    assert packed(repo / "data")["README.md"] == b"my edit"
     subprocess.run(["dvc", "add", "-q", "data"], cwd=repo, check=True)  # now your own data set
     with pytest.raises(DataError, match=r"data.dvc pins data that is not one of the mirrored sets "
                        rf"\(md5 {pin(repo)}\) and is not committed in git"):
         get_data("mnist", repo_root=repo, mirror=str(mirror))
-    assert (repo / "data" / "README.md").read_bytes() == b"my edit"
+    assert packed(repo / "data")["README.md"] == b"my edit"
     own = pin(repo)
     subprocess.run(["git", "add", "data.dvc", ".gitignore"], cwd=repo, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "own"],
                    cwd=repo, check=True)
     message = get_data("mnist", repo_root=repo, mirror=str(mirror))  # git keeps the pin: safe
-    assert tree(repo / "data") == FILES and (repo / "data.dvc").read_text() == shipped
+    assert packed(repo / "data") == FILES and (repo / "data.dvc").read_text() == shipped
     assert message.endswith(f"The data it replaced (md5 {own}) stays in the DVC cache: "
                             "`git checkout data.dvc && dvc checkout data.dvc` brings it back")
     subprocess.run(["git", "checkout", "-q", "data.dvc"], cwd=repo, check=True)
     subprocess.run(["dvc", "checkout", "-q", "data.dvc"], cwd=repo, check=True)
-    assert (repo / "data" / "README.md").read_bytes() == b"my edit"  # it did come back
+    assert packed(repo / "data")["README.md"] == b"my edit"  # it did come back
