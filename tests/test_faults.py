@@ -160,7 +160,8 @@ def git_project(project: Path) -> tuple[Path, dict[str, str]]:
     params = yaml.safe_load((project / "params.yaml").read_text())
     for section, values in PARAMS.items():
         params[section].update(values)
-    params["preprocess"].update(train_split="", test_split="", max_reference_images=8)
+    params["preprocess"].update(data_dir="data", train_split="", test_split="",
+                                max_reference_images=8)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
     # data.dvc pins the images, so that `dvc exp run --temp` checks them out in its copy.

@@ -149,7 +149,8 @@ def test_preset_preprocesses_trains_and_samples_at_a_tiny_scale(name, tmp_path):
     fake_data_set(tmp_path / "data", DATA_SETS[preset.data])
     params = tiny_run(preset.params, tmp_path / "data")
     size, channels = params.preprocess.image_size, params.preprocess.channels
-    training, reference, _ = build_datasets(params.preprocess)
+    training, reference, _ = build_datasets(params.preprocess, tmp_path / "train_set",
+                                            tmp_path / "reference_set")
     assert training.images.shape[1:] == (channels, size, size) and len(reference) >= 1
 
     logger = Recorder()
