@@ -7,9 +7,10 @@ any work.
 
 No-op `dvc repro`: measured in the project root when `dvc status` says everything is up to date
 (after a repro); otherwise in a temporary project with the same dvc.yaml, params.yaml and code
-dependencies, a data/ folder of as many (tiny) files as MNIST's 70,004, and stub commands that
-write every output, reproduced once and then timed. DVC's work in a no-op repro is checking these
-dependencies and outputs, so the stubs do not change it.
+dependencies, data/images.zip holding as many (tiny) members as MNIST has images, 70,004 (the
+data is one archive file, as data.dvc pins it), and stub commands that write every output,
+reproduced once and then timed. DVC's work in a no-op repro is checking these dependencies and
+outputs, so the stubs do not change it.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import yaml
 
 STAGES = ("preprocess", "train_classifier", "train", "sample", "evaluate")
 BUILDS_MODEL = ("train", "sample")
-MNIST_FILES = 70_004
+MNIST_IMAGES = 70_004
 
 
 def startup_seconds(stage: str, root: Path) -> float:
@@ -77,7 +79,7 @@ def touch(paths: list[str]) -> None:
         path.write_text("{}\n" if path.suffix == ".json" else "x\n")
 
 
-def make_temp_project(root: Path, folder: Path, data_files: int) -> None:
+def make_temp_project(root: Path, folder: Path, members: int) -> None:
     """dvc.yaml with stub commands, params.yaml, the code deps and data/ under folder."""
     pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
     for stage in pipeline["stages"].values():
@@ -87,11 +89,10 @@ def make_temp_project(root: Path, folder: Path, data_files: int) -> None:
     for package in ("pipeline", "stages", "bench"):
         shutil.copytree(root / package, folder / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    for i in range(data_files):
-        path = folder / "data" / "train" / str(i % 10) / f"{i}.png"
-        if i < 10:
-            path.parent.mkdir(parents=True)
-        path.write_bytes(i.to_bytes(4, "little"))
+    (folder / "data").mkdir()
+    with zipfile.ZipFile(folder / "data" / "images.zip", "w") as archive:
+        for i in range(members):
+            archive.writestr(f"train/{i % 10}/{i}.png", i.to_bytes(4, "little"))
     subprocess.run([dvc(), "init", "--no-scm", "--quiet"], cwd=folder, check=True)
     subprocess.run([dvc(), "repro", "--quiet"], cwd=folder, check=True, capture_output=True)
 
@@ -102,18 +103,18 @@ def noop_repro_seconds(folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def pipeline_figures(root: Path, repeats: int, data_files: int | None = None) -> dict:
+def pipeline_figures(root: Path, repeats: int, members: int | None = None) -> dict:
     """{"stage_startup_s": {stage: median s}, "noop_repro_s": median s, "noop_repro_where": ...}."""
-    data_files = data_files or MNIST_FILES
+    members = members or MNIST_IMAGES
     startup = {stage: statistics.median(startup_seconds(stage, root) for _ in range(repeats))
                for stage in STAGES}
     if is_up_to_date(root):
         where = f"{root} (up to date after a repro)"
         noop = statistics.median(noop_repro_seconds(root) for _ in range(repeats))
     else:
-        where = (f"temporary project: this dvc.yaml with stub commands, {data_files} data files "
-                 f"({root} has not been reproduced)")
+        where = (f"temporary project: this dvc.yaml with stub commands, data/images.zip of "
+                 f"{members} members ({root} has not been reproduced)")
         with tempfile.TemporaryDirectory() as tmp:
-            make_temp_project(root, Path(tmp), data_files)
+            make_temp_project(root, Path(tmp), members)
             noop = statistics.median(noop_repro_seconds(Path(tmp)) for _ in range(repeats))
     return {"stage_startup_s": startup, "noop_repro_s": noop, "noop_repro_where": where}
