@@ -55,6 +55,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = temp_file_beside(path)
     try:
         yield tmp
+        # The usual permissions again: a writer may have made the file anew (safetensors' 0600).
+        os.chmod(tmp, 0o666 & ~_UMASK)
         fsync(tmp)
         os.replace(tmp, path)
         fsync(path.parent)

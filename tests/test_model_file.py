@@ -2,6 +2,7 @@
 torch ema.pt of earlier versions still read."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -41,6 +42,13 @@ def test_the_file_is_safetensors_with_the_params_as_json_metadata(tmp_path):
     assert trained.scheduler.num_timesteps == 20 and trained.model.num_classes == 2
     assert all(torch.equal(trained.model.state_dict()[k], v) for k, v in saved.items())
 
+
+def test_the_file_others_read_has_the_usual_permissions(tmp_path):
+    """safetensors makes its files 0600; the model file is for others too (a team's share)."""
+    save_ema_model(tmp_path / EMA_FILE, PARAMS, weights(), ("cat", "dog"), "abc123", 7)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / EMA_FILE).stat().st_mode & 0o777 == 0o666 & ~umask
 
 def test_the_torch_file_of_earlier_versions_is_still_read(tmp_path):
     saved = weights()
