@@ -15,7 +15,10 @@ test is skipped with that instruction, except in CI (CI=true), where a missing b
 import json
 import os
 import re
+import shlex
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -106,15 +109,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def readme_ui_command() -> list[str]:
+    """The `mlflow ui` command of README.md's MLflow section, without its `uv run` prefix (the
+    tests already run in the project's environment) and with MLflow's script of this one."""
+    section = (ROOT / "README.md").read_text().split("\n## MLflow\n")[1].split("\n## ")[0]
+    line = next(line for line in section.splitlines() if "mlflow ui" in line)
+    words = shlex.split(line.split("#")[0])
+    assert words[:3] == ["uv", "run", "mlflow"], line
+    return [str(Path(sys.executable).parent / "mlflow"), *words[3:]]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a socket listening on `port`, from the kernel's tables."""
+    addresses = set()
+    for table, unpack in [("/proc/net/tcp", "<I"), ("/proc/net/tcp6", "<IIII")]:
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: TCP_LISTEN
+                packed = struct.pack(unpack, *struct.unpack(f">{unpack[1:]}",
+                                                             bytes.fromhex(address)))
+                family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
+                addresses.add(socket.inet_ntop(family, packed))
+    return addresses
+
+
 @pytest.fixture(scope="module")
 def mlflow_ui(project):
-    """`mlflow ui` on the project's store; yields its URL once /health answers."""
+    """The README's `mlflow ui` command in the project folder (so its sqlite:///mlflow.db is the
+    project's store), on a free port; yields its URL once /health answers."""
     port = free_port()
     log = (project / "mlflow-ui.log").open("w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "ui", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}"],
-        cwd=project, env=environment(project), stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen([*readme_ui_command(), "--port", str(port)], cwd=project,
+                              env=environment(project), stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -125,13 +153,18 @@ def mlflow_ui(project):
         except OSError:
             pass
         if server.poll() is not None or time.time() > deadline:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
             pytest.fail(f"mlflow ui did not start:\n{(project / 'mlflow-ui.log').read_text()}")
         time.sleep(0.5)
     yield url
-    server.terminate()
-    server.wait(timeout=30)
+    os.killpg(server.pid, signal.SIGTERM)  # the UI and the workers it started
+    server.wait(timeout=60)
     log.close()
+
+
+def test_the_documented_ui_listens_on_loopback_only(mlflow_ui):
+    assert "--host 127.0.0.1" in " ".join(readme_ui_command())  # said, not MLflow's default
+    assert listening_addresses(int(mlflow_ui.rsplit(":", 1)[1])) == {"127.0.0.1"}
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,8 @@
 masked credentials, and concurrent writers on one SQLite store."""
 
 import os
-import shlex
-import signal
 import socket
 import sqlite3
-import struct
 import subprocess
 import sys
 import threading
@@ -293,49 +290,6 @@ while True:
         pass  # the store may not exist yet; this process only makes read traffic
     time.sleep(0.05)
 """
-
-
-def readme_ui_command() -> list[str]:
-    """The `mlflow ui` command of README.md's MLflow section, without its `uv run` prefix (the
-    tests already run in the project's environment) and with MLflow's script of this one."""
-    section = (ROOT / "README.md").read_text().split("\n## MLflow\n")[1].split("\n## ")[0]
-    line = next(line for line in section.splitlines() if "mlflow ui" in line)
-    words = shlex.split(line.split("#")[0])
-    assert words[:3] == ["uv", "run", "mlflow"], line
-    return [str(Path(sys.executable).parent / "mlflow"), *words[3:]]
-
-
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses with a socket listening on `port`, from the kernel's tables."""
-    addresses = set()
-    for table, unpack in [("/proc/net/tcp", "<I"), ("/proc/net/tcp6", "<IIII")]:
-        for row in Path(table).read_text().splitlines()[1:]:
-            local, state = row.split()[1], row.split()[3]
-            address, hex_port = local.split(":")
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: TCP_LISTEN
-                packed = struct.pack(unpack, *struct.unpack(f">{unpack[1:]}",
-                                                             bytes.fromhex(address)))
-                family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
-                addresses.add(socket.inet_ntop(family, packed))
-    return addresses
-
-
-@pytest.mark.slow  # MLflow's server takes 5-30 s to bind on a busy 2-core machine
-def test_the_documented_mlflow_ui_listens_on_loopback_only(tmp_path):
-    command = readme_ui_command()
-    assert "--host 127.0.0.1" in " ".join(command)  # said, not left to MLflow's default
-    port = closed_port()  # the README's command on a free port, so it never meets another UI
-    ui = subprocess.Popen([*command, "--port", str(port)], cwd=tmp_path,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not listening_addresses(port) and ui.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert listening_addresses(port) == {"127.0.0.1"}
-    finally:
-        os.killpg(ui.pid, signal.SIGTERM)  # the UI and the workers it started
-        ui.wait(timeout=60)
 
 
 def test_the_train_log_holds_the_stages_lines_not_mlflows_chatter(tmp_path):
