@@ -40,6 +40,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 SamplingMethod = Literal["ddpm", "ddim", "dpmpp_2m", "heun", "edm_stochastic"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 VarianceType = Literal["fixed_small", "fixed_large"]
+ReconstructionLoss = Literal["l1", "mse"]
 
 
 def choices(literal: Any) -> tuple[Any, ...]:
@@ -382,6 +383,30 @@ def unet_problem(image_size: int, base_channels: int, channel_mult: Sequence[int
         if ch % num_heads:
             return (f"{name('num_heads')}={num_heads} must divide the {ch} channels of the {size} "
                     f"px attention level; use {_divisors(*(c for c, _ in attended))}")
+    return None
+
+
+def autoencoder_problem(image_size: int, factor: int, base_channels: int,
+                        channel_mult: Sequence[int], norm_groups: int,
+                        name: Callable[[str], str] = str) -> str | None:
+    """Why an autoencoder of this shape cannot be built (pipeline/autoencoder.py), or None:
+    log2(factor) downsamplings, one per level but the last; all counts >= 1."""
+    if factor not in (2, 4, 8):
+        return f"{name('factor')}={factor} must be 2, 4 or 8"
+    levels = int(math.log2(factor)) + 1
+    if len(channel_mult) != levels:
+        return (f"{name('channel_mult')}={list(channel_mult)} must have log2({name('factor')}) + 1"
+                f" = {levels} entries for {name('factor')}={factor}, one per level, e.g. "
+                f"{[min(2 ** i, 4) for i in range(levels)]}")
+    if image_size % factor:
+        return (f"{name('image_size')}={image_size} is not divisible by {name('factor')}="
+                f"{factor}; use a factor that divides it, or an image size that is a multiple of "
+                f"{factor}")
+    widths = [base_channels * mult for mult in channel_mult]
+    if any(ch % norm_groups for ch in [base_channels, *widths]):
+        return (f"{name('norm_groups')}={norm_groups} must divide {name('base_channels')}="
+                f"{base_channels} and every level's channels {widths}; use "
+                f"{_divisors(base_channels, *widths)}")
     return None
 
 
