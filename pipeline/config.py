@@ -1,7 +1,8 @@
 """Typed, validated experiment parameters: params.yaml is the single source of every hyperparameter.
 
 `load_params("params.yaml")` returns a frozen `Params` with one section per DVC stage or concern
-(preprocess, model, diffusion, train, sample, classifier, evaluate, tracking). Every field has a
+(preprocess, autoencoder, model, diffusion, train, sample, classifier, evaluate,
+tracking). Every field has a
 default, so a partial file works. Bad input raises `ParamsError` before anything runs: an unknown
 key names its section and the closest valid names, a wrong type or out-of-range value names the
 dotted key, the value and what is allowed. Then combinations that each key allows alone but the
@@ -41,6 +42,7 @@ SamplingMethod = Literal["ddpm", "ddim", "dpmpp_2m", "heun", "edm_stochastic"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 VarianceType = Literal["fixed_small", "fixed_large"]
 ReconstructionLoss = Literal["l1", "mse"]
+Space = Literal["pixel", "latent"]
 
 
 def choices(literal: Any) -> tuple[Any, ...]:
@@ -86,7 +88,32 @@ class PreprocessParams:
 
 
 @dataclass(frozen=True)
+class AutoencoderParams:
+    # The KL-regularised autoencoder of latent diffusion (pipeline/autoencoder.py; Rombach et al.
+    # 2022), trained by stage train_autoencoder when model.space is latent.
+    factor: Literal[2, 4, 8] = 4  # downsampling factor f: latents of image_size / f px a side
+    latent_channels: int = spec(4, low=1)
+    base_channels: int = spec(32, low=1)
+    channel_mult: tuple[int, ...] = spec((1, 2, 2), low=1)  # one per level: log2(factor) + 1
+    num_res_blocks: int = spec(1, low=1)  # per level on the encoder side (+1 on the decoder's)
+    norm_groups: int = spec(8, low=1)  # GroupNorm groups
+    reconstruction_loss: ReconstructionLoss = "l1"  # summed over each image's pixels
+    kl_weight: float = spec(1e-6, low=0.0)  # weight of KL(q(z|x) || N(0, I)), the paper's 1e-6
+    lr: float = spec(1e-3, low=0.0, low_open=True)  # Adam, constant
+    steps: int = spec(2000, low=1)
+    batch_size: int = spec(64, low=1)
+    log_every: int = spec(50, low=1)
+    checkpoint_every: int = spec(500, low=1)
+    eval_images: int = spec(500, low=1)  # held-out images for the reconstruction PSNR (at most)
+    grid_images: int = spec(16, low=1)  # originals against reconstructions in the logged grid
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ModelParams:
+    # pixel: the UNet denoises the images; latent: the autoencoder's scaled latents (section
+    # autoencoder), and the samples are decoded to images (Rombach et al. 2022).
+    space: Space = "pixel"
     base_channels: int = spec(16, low=1)
     channel_mult: tuple[int, ...] = spec((1, 2, 4), low=1)  # one entry per resolution level
     num_res_blocks: int = spec(1, low=1)  # residual blocks per level
@@ -200,6 +227,7 @@ class TrackingParams:
 @dataclass(frozen=True)
 class Params:
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    autoencoder: AutoencoderParams = field(default_factory=AutoencoderParams)
     model: ModelParams = field(default_factory=ModelParams)
     diffusion: DiffusionParams = field(default_factory=DiffusionParams)
     train: TrainParams = field(default_factory=TrainParams)
@@ -450,6 +478,40 @@ def _unet_key(argument: str) -> str:
     return "preprocess.image_size" if argument == "image_size" else f"model.{argument}"
 
 
+def _latent_unet_key(argument: str) -> str:
+    """A latent UNet's input side is the latents': the image size over the autoencoder's factor."""
+    if argument == "image_size":
+        return "the latent side (preprocess.image_size / autoencoder.factor)"
+    return f"model.{argument}"
+
+
+def _autoencoder_key(argument: str) -> str:
+    return "preprocess.image_size" if argument == "image_size" else f"autoencoder.{argument}"
+
+
+def unet_input(params: Params) -> tuple[int, int]:
+    """The (channels, side length) of what the UNet denoises: the images', or in latent space
+    the autoencoder's latents'."""
+    p = params.preprocess
+    if params.model.space == "latent":
+        return params.autoencoder.latent_channels, p.image_size // params.autoencoder.factor
+    return p.channels, p.image_size
+
+
+def _unet_problems(params: Params) -> Iterator[str | None]:
+    """The UNet's shape rules, for its input: the images, or the autoencoder's latents."""
+    m, a = params.model, params.autoencoder
+    if m.space == "latent":
+        shape = autoencoder_problem(params.preprocess.image_size, a.factor, a.base_channels,
+                                    a.channel_mult, a.norm_groups, _autoencoder_key)
+        if shape:
+            yield shape
+            return
+    name = _latent_unet_key if m.space == "latent" else _unet_key
+    yield unet_problem(unet_input(params)[1], m.base_channels, m.channel_mult,
+                       m.attention_resolutions, m.num_heads, m.norm_groups, name)
+
+
 def _diffusion_key(argument: str) -> str:
     return f"diffusion.{argument}"
 
@@ -552,10 +614,9 @@ def _sampler_problems(params: Params) -> Iterator[str]:
 
 def _check_combinations(params: Params) -> None:
     """Raise one ParamsError naming every combination of values the pipeline cannot run."""
-    m, d = params.model, params.diffusion
+    d = params.diffusion
     problems = [
-        unet_problem(params.preprocess.image_size, m.base_channels, m.channel_mult,
-                     m.attention_resolutions, m.num_heads, m.norm_groups, _unet_key),
+        *_unet_problems(params),
         beta_problem(d.schedule, d.beta_start, d.beta_end, _diffusion_key),
         zero_terminal_snr_problem(d.rescale_zero_terminal_snr, d.prediction_type,
                                   d.num_timesteps, _diffusion_key),
@@ -573,18 +634,20 @@ def _check_combinations(params: Params) -> None:
                           + " ".join(f"({i}) {p}." for i, p in enumerate(problems, 1)))
 
 
-def check_data_size(params: Params, num_train_images: int) -> None:
-    """Raise ParamsError if a training batch is larger than the training set.
+def check_data_size(params: Params, num_train_images: int, section: str = "train") -> None:
+    """Raise ParamsError if a training batch (of `section`: train or autoencoder) is larger than
+    the training set.
 
-    Only known once the data is loaded, so the train stage calls this right after loading it.
+    Only known once the data is loaded, so the training stages call this right after loading it.
     """
-    batch_size = params.train.batch_size
+    batch_size = getattr(params, section).batch_size
     if batch_size <= num_train_images:
         return
     cap = params.preprocess.max_train_images
     capped = f" (preprocess.max_train_images = {cap})" if cap else ""
-    raise ParamsError(f"train.batch_size = {batch_size} is larger than the training set, "
-                      f"{num_train_images} images{capped}; use a train.batch_size of at most "
+    key = f"{section}.batch_size"
+    raise ParamsError(f"{key} = {batch_size} is larger than the training set, "
+                      f"{num_train_images} images{capped}; use a {key} of at most "
                       f"{num_train_images}, or more training images")
 
 

@@ -114,6 +114,8 @@ def fingerprint(params: Params, data: ImageSet, processes: int = 1) -> str:
     switched either way (say, on a smaller GPU) and goes on bit for bit as before."""
     sections = to_dict(params)
     del sections["model"]["gradient_checkpointing"]
+    if sections["model"]["space"] == "pixel":  # the identity from before model.space: resumable
+        del sections["model"]["space"]
     identity = [sections[s] for s in RUN_SECTIONS] + [processes, BATCH_ORDER]
     digest = hashlib.sha256(repr(identity).encode())
     rows = max(1, HASH_CHUNK // max(1, math.prod(data.images.shape[1:])))
@@ -162,6 +164,9 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
     this process's place among data-parallel ranks (pipeline/distributed.py); only rank 0 logs
     and writes files.
     """
+    if params.model.space != "pixel":
+        raise ValueError(f"model.space = {params.model.space!r}: training in latent space is not "
+                         "implemented yet; use model.space = 'pixel'")
     p = params.train
     world = world or World(device=default_device())
     device = world.device

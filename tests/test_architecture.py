@@ -11,9 +11,10 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from pipeline import config, noise_scheduler, sampler
+from pipeline import autoencoder, config, noise_scheduler, sampler
 from pipeline.noise_scheduler import NoiseScheduler
 from stages import paths
 
@@ -161,12 +162,16 @@ ACCEPTS = {
                                                    (1, 1, 2, 2), method=v, num_steps=2),
     ("sample", "timestep_spacing"): lambda v: sampler.timesteps(10, 2, v),
     ("sample", "variance_type"): lambda v: noise_scheduler.posterior_coefficients(0.5, 0.9, v),
+    ("autoencoder", "reconstruction_loss"): lambda v: autoencoder.autoencoder_loss(
+        torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2),
+        autoencoder.DiagonalGaussian(torch.zeros(1, 2, 1, 1)), 0.0, v),
 }
 # Choices that only the config checks, read by the code as flags: train.precision and
 # sample.precision (pipeline.device.fixed_precision), preprocess.on_bad_image (pipeline.data.BadImages),
-# diffusion.formulation (pipeline.noise_scheduler.build_scheduler).
+# diffusion.formulation (pipeline.noise_scheduler.build_scheduler), model.space (stages
+# train_autoencoder and train).
 FLAGS = {("train", "precision"), ("sample", "precision"), ("preprocess", "on_bad_image"),
-         ("diffusion", "formulation")}
+         ("diffusion", "formulation"), ("model", "space")}
 
 
 def test_every_choice_of_the_config_is_taken_by_the_library_or_a_flag():
