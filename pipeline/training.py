@@ -37,16 +37,10 @@ import dataclasses
 import hashlib
 import itertools
 import math
-import os
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -61,7 +55,8 @@ from pipeline.distributed import World
 from pipeline.edm import EDM
 from pipeline.ema import EMA
 from pipeline.io import atomic_path
-from pipeline.logger import Logger, Relay
+from pipeline.logger import Logger
+from pipeline.loop import Interrupted, NewStepsOnly, due, hash_images, stop_requests
 from pipeline.model_file import EMA_FILE, save_ema_model
 from pipeline.noise_scheduler import NoiseScheduler, build_scheduler, min_snr_weights, offset_noise
 from pipeline.sampler import drop_labels, model_fn, sample
@@ -72,16 +67,6 @@ RUN_SECTIONS = ("model", "diffusion", "train")
 # How a run draws its batches: part of its identity, so that no checkpoint of a run that drew
 # them otherwise (from the training generator, before pipeline/batches.py) is resumed.
 BATCH_ORDER = "batch_indices((train.seed, step))"
-HASH_CHUNK = 1 << 26  # bytes of images hashed at a time: a memory-mapped set is not read in whole
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped training; a checkpoint of the last finished step was written."""
-
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written, "
-                         "`dvc repro` resumes from it")
-        self.signum, self.step = signum, step
 
 
 class NonFiniteLoss(ValueError):
@@ -118,10 +103,7 @@ def fingerprint(params: Params, data: ImageSet, processes: int = 1) -> str:
         del sections["model"]["space"]
     identity = [sections[s] for s in RUN_SECTIONS] + [processes, BATCH_ORDER]
     digest = hashlib.sha256(repr(identity).encode())
-    rows = max(1, HASH_CHUNK // max(1, math.prod(data.images.shape[1:])))
-    for start in range(0, len(data), rows):
-        digest.update(np.ascontiguousarray(data.images[start:start + rows].numpy()))
-    digest.update(data.labels.numpy().tobytes())
+    hash_images(digest, data.images, data.labels)
     return digest.hexdigest()
 
 
@@ -282,11 +264,6 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator, batch_size: int = 
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def due(step: int, every: int, last: int) -> bool:
-    """Whether the periodic work done every `every` steps (and at the last step) is due now."""
-    return step % every == 0 or step == last
-
-
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -307,36 +284,6 @@ def ema_weights(model: UNet, ema: EMA) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-@dataclass
-class StopRequest:
-    signum: int = 0  # the first SIGINT/SIGTERM received, 0 if none
-
-
-@contextmanager
-def stop_requests() -> Iterator[StopRequest]:
-    """Within the block, SIGINT and SIGTERM ask the loop to stop after its current step (and
-    write a checkpoint) instead of killing it mid-step; a second signal stops at once."""
-    request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():  # handlers only work there
-        yield request
-        return
-
-    def handle(signum: int, frame: object) -> None:
-        if request.signum:
-            raise KeyboardInterrupt
-        request.signum = signum
-        # os.write, not print: print is not reentrant if the signal lands inside another print.
-        os.write(2, f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-                    "(send it again to stop at once)\n".encode())
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield request
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def check_finite(loss: float, grad_norm: float, step: int, p: TrainParams, precision: str,
                  checkpoints: Checkpoints) -> None:
     """Stop at the first non-finite loss or gradient: the weights are garbage from here on."""
@@ -352,28 +299,6 @@ def check_finite(loss: float, grad_norm: float, step: int, p: TrainParams, preci
     kept = f"the last good checkpoint, {saved}, is kept" if saved else "no checkpoint was written"
     raise NonFiniteLoss(f"training diverged at step {step}: loss {loss}, gradient norm "
                         f"{grad_norm}. Likely causes: {'; '.join(causes)}. Training stopped; {kept}")
-
-
-class NewStepsOnly(Relay):
-    """Passes on only what the logger does not hold yet: a run killed after its last checkpoint
-    already logged the steps that the resumed run computes again (bit for bit the same)."""
-
-    def __init__(self, logger: Logger) -> None:
-        super().__init__(logger)
-        self.logged: dict[str, int] = {}
-
-    def _new(self, key: str, step: int) -> bool:
-        if key not in self.logged:
-            self.logged[key] = self.logger.last_step(key) or 0
-        return step > self.logged[key]
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self._new("loss", step):
-            self.logger.log_metrics(metrics, step)
-
-    def log_image(self, image: Image.Image, key: str, step: int) -> None:
-        if self._new(key, step):
-            self.logger.log_image(image, key, step)
 
 
 def train_step(model: UNet, scheduler: NoiseScheduler | EDM, optimizer: torch.optim.Optimizer,
