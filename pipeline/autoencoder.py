@@ -189,6 +189,14 @@ class Autoencoder(nn.Module):
         return self.decode(posterior.sample(generator)), posterior
 
 
+def build_autoencoder(params: Params) -> Autoencoder:
+    """The autoencoder that params' autoencoder section describes, for its preprocessed images."""
+    a = params.autoencoder
+    return Autoencoder(params.preprocess.channels, params.preprocess.image_size, a.factor,
+                       a.latent_channels, a.base_channels, tuple(a.channel_mult), a.num_res_blocks,
+                       a.norm_groups)
+
+
 def autoencoder_loss(x: torch.Tensor, reconstruction: torch.Tensor, posterior: DiagonalGaussian,
                      kl_weight: float, kind: ReconstructionLoss = "l1"
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,3 +224,42 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     10 log10(peak^2 / MSE), with peak = 2 the range's width."""
     mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
     return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+@dataclass(frozen=True)
+class TrainedAutoencoder:
+    model: Autoencoder  # in eval mode
+    latent_scale: float  # latents times this have unit variance on the training images
+    params: Params  # its preprocess (image_size, channels) and autoencoder sections
+    run_id: str | None  # the MLflow run of its training
+    step: int
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in the model range -> scaled latents (the posterior's mode): diffusion's data."""
+        return self.model.encode(x).mode() * self.latent_scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in the model range (not clipped)."""
+        return self.model.decode(z / self.latent_scale)
+
+
+def save_autoencoder(path: Path, params: Params, weights: dict[str, torch.Tensor], scale: float,
+                     run_id: str | None, step: int) -> None:
+    sections = to_dict(params)
+    sections = {"preprocess": {k: sections["preprocess"][k] for k in ("image_size", "channels")},
+                "autoencoder": sections["autoencoder"]}
+    if not math.isfinite(scale):
+        raise ValueError(f"latent scale {scale} is not finite: the latents are constant")
+    metadata = {"params": sections, "latent_scale": scale, "run_id": run_id, "step": step}
+    save_safetensors(weights, {key: json.dumps(value) for key, value in metadata.items()}, path)
+
+
+def load_autoencoder(path: Path, device: torch.device | None = None) -> TrainedAutoencoder:
+    """The saved autoencoder, in eval mode on `device` (default: the CPU)."""
+    weights, metadata = load_safetensors(path)
+    saved = {key: json.loads(metadata[key]) for key in METADATA}
+    params = from_dict(saved["params"], check_combinations=False)
+    model = build_autoencoder(params)
+    model.load_state_dict(weights)
+    model.to(device or torch.device("cpu")).eval()
+    return TrainedAutoencoder(model, saved["latent_scale"], params, saved["run_id"], saved["step"])

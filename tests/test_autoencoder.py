@@ -6,8 +6,14 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from pipeline.autoencoder import (LOGVAR_RANGE, Autoencoder, DiagonalGaussian, autoencoder_loss,
-                                  latent_scale, psnr)
+from pipeline.autoencoder import (AUTOENCODER_FILE, LOGVAR_RANGE, Autoencoder, DiagonalGaussian,
+                                  autoencoder_loss, latent_scale, load_autoencoder, psnr)
+from pipeline.autoencoder_training import fingerprint, train_autoencoder
+from pipeline.checkpoint import Checkpoints
+from pipeline.config import from_dict
+from pipeline.data import ImageSet, to_model_range
+from pipeline.io import load_safetensors
+from pipeline.logger import Logger
 
 MULTS = {2: (1, 2), 4: (1, 2, 2), 8: (1, 2, 2, 2)}
 
@@ -106,3 +112,80 @@ def test_an_impossible_shape_raises_naming_the_arguments(kwargs, message):
             "channel_mult": (1, 2, 2), "norm_groups": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         Autoencoder(**args)
+
+
+# Training: a tiny autoencoder on 8 px images, f = 2.
+TINY = {"preprocess": {"image_size": 8, "channels": 1},
+        "autoencoder": {"factor": 2, "latent_channels": 2, "base_channels": 8,
+                        "channel_mult": [1, 2], "norm_groups": 4, "steps": 4, "batch_size": 4,
+                        "log_every": 2, "checkpoint_every": 2, "eval_images": 6,
+                        "grid_images": 5, "lr": 0.002}}
+
+
+class Recorder(Logger):
+    """Keeps what it is given; raises KeyboardInterrupt when asked to log step `stop_at`."""
+
+    def __init__(self, stop_at=None):
+        self.metrics, self.images, self.stop_at = [], [], stop_at
+
+    def last_step(self, key):
+        steps = [s for s, m in self.metrics if key in m] + [s for k, s in self.images if k == key]
+        return max(steps, default=None)
+
+    def log_metrics(self, metrics, step):
+        if step == self.stop_at:
+            raise KeyboardInterrupt  # as if the process died here
+        self.metrics.append((step, metrics))
+
+    def log_image(self, image, key, step):
+        self.images.append((key, step))
+
+
+def tiny_sets():
+    images = torch.randint(0, 256, (22, 1, 8, 8), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    return (ImageSet(images[:16], torch.zeros(16).long(), ("x",)),
+            ImageSet(images[16:], torch.zeros(6).long(), ("x",)))
+
+
+def run(folder, logger=None, **changes):
+    params = from_dict({**TINY, "autoencoder": {**TINY["autoencoder"], **changes}},
+                       check_combinations=False)  # the UNet of the defaults is not for 8 px
+    data, reference = tiny_sets()
+    checkpoints = Checkpoints(folder / "checkpoints", fingerprint(params, data))
+    return train_autoencoder(params, data, reference, folder, logger or Recorder(), checkpoints,
+                             run_id="run-1", device=torch.device("cpu"))
+
+
+def test_training_logs_losses_psnr_and_the_grid_and_saves_the_scale(tmp_path):
+    logger = Recorder()
+    result = run(tmp_path, logger)
+    assert [s for s, _ in logger.metrics] == [2, 4, 4]
+    assert set(logger.metrics[0][1]) == {"loss", "reconstruction", "kl"}
+    assert logger.metrics[-1][1] == {"psnr": result.psnr, "latent_scale": result.latent_scale}
+    assert logger.images == [("reconstructions", 4)]
+    assert result.grid.size == (2 + 5 * 10, 2 + 2 * 10)  # 5 originals over 5 reconstructions
+    trained = load_autoencoder(tmp_path / AUTOENCODER_FILE)
+    assert trained.latent_scale == result.latent_scale and trained.step == 4
+    assert trained.run_id == "run-1" and trained.params.autoencoder.factor == 2
+    data, _ = tiny_sets()
+    with torch.no_grad():
+        latents = trained.encode(to_model_range(data.images))
+        assert latents.shape == (16, 2, 4, 4)
+        assert latents.var().item() == pytest.approx(1.0, rel=1e-4)  # unit variance on its data
+        assert trained.decode(latents).shape == (16, 1, 8, 8)
+
+
+def test_interrupted_autoencoder_training_resumes_bit_exactly(tmp_path):
+    """Killed while logging step 4 (the last checkpoint is step 2), then started again: the
+    same weights and scale, bit for bit, as the run that was not interrupted."""
+    clean = run(tmp_path / "clean")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", Recorder(stop_at=4))
+    logger = Recorder()
+    resumed = run(tmp_path / "resumed", logger)
+    assert [s for s, _ in logger.metrics] == [4, 4]  # it went on from step 2
+    assert resumed.state.history == clean.state.history
+    a, b = (load_safetensors(tmp_path / f / AUTOENCODER_FILE)[0] for f in ("clean", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.latent_scale == clean.latent_scale
