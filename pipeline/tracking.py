@@ -179,6 +179,10 @@ class Tracker:
         """Continue run `run_id` (a resumed training) if it exists, else start one."""
         return Run()
 
+    def autoencoder_run(self, params: Params, run_id: str | None = None) -> Run:
+        """Continue run `run_id` (a resumed autoencoder training) if it exists, else start one."""
+        return Run()
+
     def evaluation_run(self, parent_id: str | None, params: dict[str, Any]) -> Run:
         """A run for one evaluation, nested under the training run when that run is known."""
         return Run()
@@ -248,6 +252,20 @@ class MlflowTracker(Tracker):
                                      run_name=os.environ.get("DVC_EXP_NAME") or None)
         result = MlflowRun(self.client, run.info.run_id)
         result.log_params({**flatten(params), "tracking.uri": redact(params.tracking.uri)})
+        return result
+
+    def autoencoder_run(self, params: Params, run_id: str | None = None) -> Run:
+        """Continue run `run_id` (a resumed autoencoder training) if it exists, else start one,
+        named `<experiment>-autoencoder`, with the autoencoder's params and the images'."""
+        if run_id and self._exists(run_id):
+            self.client.update_run(run_id, status="RUNNING")
+            return MlflowRun(self.client, run_id)
+        name = os.environ.get("DVC_EXP_NAME") or "train"
+        run = self.client.create_run(self.experiment_id, tags=run_tags(),
+                                     run_name=f"{name}-autoencoder")
+        result = MlflowRun(self.client, run.info.run_id)
+        result.log_params({k: v for k, v in flatten(params).items()
+                           if k.startswith(("autoencoder.", "preprocess."))})
         return result
 
     def evaluation_run(self, parent_id: str | None, params: dict[str, Any]) -> Run:

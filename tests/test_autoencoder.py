@@ -1,5 +1,6 @@
 """The KL autoencoder of latent diffusion: shapes, the posterior's formulas, the loss, the scale."""
 
+import json
 import math
 
 import pytest
@@ -189,3 +190,17 @@ def test_interrupted_autoencoder_training_resumes_bit_exactly(tmp_path):
     a, b = (load_safetensors(tmp_path / f / AUTOENCODER_FILE)[0] for f in ("clean", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.latent_scale == clean.latent_scale
+
+
+def test_the_stage_in_pixel_space_writes_only_the_marker_at_once(tmp_path, monkeypatch):
+    from stages import train_autoencoder as stage
+    from stages.paths import AUTOENCODER_DIR, AUTOENCODER_METRICS
+
+    monkeypatch.chdir(tmp_path)  # no data, no MLflow store: the pixel space needs neither
+    (tmp_path / "params.yaml").write_text("model:\n  space: pixel\n")
+    stage.main()
+    assert [p.name for p in AUTOENCODER_DIR.iterdir()] == ["not_needed.json"]
+    assert json.loads((AUTOENCODER_DIR / "not_needed.json").read_text())["autoencoder"] is None
+    assert json.loads(AUTOENCODER_METRICS.read_text()) == {}
+    stage.main()  # again: the same bytes, so DVC sees no change
+    assert [p.name for p in AUTOENCODER_DIR.iterdir()] == ["not_needed.json"]
