@@ -402,10 +402,9 @@ def unet_problem(image_size: int, base_channels: int, channel_mult: Sequence[int
                 f"occur; the feature-map sizes for {name('image_size')}={image_size} and "
                 f"{name('channel_mult')}={list(channel_mult)} are {sizes}; use some of those")
     widths = [base_channels * mult for mult in channel_mult]
-    if any(ch % norm_groups for ch in [base_channels, *widths]):
-        return (f"{name('norm_groups')}={norm_groups} must divide {name('base_channels')}="
-                f"{base_channels} and every level's channels {widths} ({name('base_channels')} * "
-                f"{name('channel_mult')}); use {_divisors(base_channels, *widths)}")
+    groups = norm_groups_problem(base_channels, channel_mult, norm_groups, name)
+    if groups:
+        return groups
     attended = [(ch, size) for ch, size in zip(widths, sizes) if size in attention_resolutions]
     for ch, size in attended:
         if ch % num_heads:
@@ -430,12 +429,18 @@ def autoencoder_problem(image_size: int, factor: int, base_channels: int,
         return (f"{name('image_size')}={image_size} is not divisible by {name('factor')}="
                 f"{factor}; use a factor that divides it, or an image size that is a multiple of "
                 f"{factor}")
+    return norm_groups_problem(base_channels, channel_mult, norm_groups, name)
+
+
+def norm_groups_problem(base_channels: int, channel_mult: Sequence[int], norm_groups: int,
+                        name: Callable[[str], str] = str) -> str | None:
+    """Why GroupNorm with norm_groups groups cannot normalise every level's channels, or None."""
     widths = [base_channels * mult for mult in channel_mult]
-    if any(ch % norm_groups for ch in [base_channels, *widths]):
-        return (f"{name('norm_groups')}={norm_groups} must divide {name('base_channels')}="
-                f"{base_channels} and every level's channels {widths}; use "
-                f"{_divisors(base_channels, *widths)}")
-    return None
+    if not any(ch % norm_groups for ch in [base_channels, *widths]):
+        return None
+    return (f"{name('norm_groups')}={norm_groups} must divide {name('base_channels')}="
+            f"{base_channels} and every level's channels {widths} ({name('base_channels')} * "
+            f"{name('channel_mult')}); use {_divisors(base_channels, *widths)}")
 
 
 def _divisors(*numbers: int) -> str:
