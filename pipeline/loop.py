@@ -1,7 +1,8 @@
 """What the training loops share (pipeline/training.py's and pipeline/autoencoder_training.py's):
 periodic work (`due`), stopping after a step at SIGINT or SIGTERM (`stop_requests`,
 `Interrupted`), logging only steps that the logger does not hold yet (`NewStepsOnly`), and the
-hash of the training images that a run's identity includes (`hash_images`).
+hash of the training images that a run's identity includes (`hash_images`); and how a training
+stage ends its tracking run when the loop fails (`marked_on_failure`).
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -75,6 +77,34 @@ def stop_requests() -> Iterator[StopRequest]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+class FinishingRun(Protocol):
+    """What marked_on_failure needs of a tracking run (pipeline.tracking.Run)."""
+
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+@contextmanager
+def marked_on_failure(run: FinishingRun, stage: str) -> Iterator[None]:
+    """A stage's work, whose failure ends `run`: KILLED by a stop after a step (`Interrupted`,
+    at SIGINT or SIGTERM, with a checkpoint written), after which the stage exits with 128 + the
+    signal number, as a process that the signal killed; KILLED by a second signal
+    (KeyboardInterrupt); FAILED by any other exception (e.g. a diverged loss), which goes on up.
+    A block that succeeds leaves the run running, for the stage to finish."""
+    try:
+        yield
+    except Interrupted as stop:
+        run.finish("KILLED")
+        print(f"{stage}: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except KeyboardInterrupt:
+        run.finish("KILLED")
+        raise
+    except BaseException:
+        run.finish("FAILED")
+        raise
+
 
 
 class NewStepsOnly(Relay):

@@ -12,18 +12,18 @@ process group that torchrun describes. Only rank 0 talks to MLflow and writes th
 """
 
 import os
-import sys
 
 from pipeline import distributed
 from pipeline.checkpoint import Checkpoints
 from pipeline.config import Params, check_classes, check_data_size, load_params
 from pipeline.data import ImageSet
 from pipeline.io import save_json
+from pipeline.loop import marked_on_failure
+from pipeline.model_logging import log_ema_model
 from pipeline.plots import save_loss_curve
 from pipeline.progress import TrainProgress
 from pipeline.tracking import Run, TrainingCurves, connect
-from pipeline.training import (Interrupted, TrainState, fingerprint, save_history, summary,
-                               train)
+from pipeline.training import TrainState, fingerprint, save_history, summary, train
 from pipeline.unet import build_model, count_parameters
 from stages import run
 from stages.paths import (CHECKPOINTS, EMA_MODEL, HISTORY, LOSS_CURVE, TRAIN_DIR, TRAIN_METRICS,
@@ -56,21 +56,11 @@ def train_and_record(params: Params, world: distributed.World) -> None:
         print(f"train: MLflow run {mlflow_run.id} in {tracker.uri}")
     else:
         mlflow_run = Run()  # records nothing: only rank 0 logs
-    try:
+    with marked_on_failure(mlflow_run, "train"):  # NonFiniteLoss keeps the last good checkpoint
         curves = TrainingCurves(mlflow_run)
         logger = TrainProgress(curves, params.train) if world.is_main else curves
         state = train(params, data, TRAIN_DIR, logger, run_id=mlflow_run.id, world=world,
                       checkpoints=checkpoints)
-    except Interrupted as stop:
-        mlflow_run.finish("KILLED")
-        print(f"train: {stop}", file=sys.stderr)
-        sys.exit(128 + stop.signum)
-    except KeyboardInterrupt:
-        mlflow_run.finish("KILLED")
-        raise
-    except BaseException:
-        mlflow_run.finish("FAILED")  # e.g. NonFiniteLoss; the last good checkpoint is kept
-        raise
     if world.is_main:
         record(params, state, mlflow_run)
         checkpoints.complete()
@@ -85,7 +75,7 @@ def record(params: Params, state: TrainState, mlflow_run: Run) -> None:
         mlflow_run.log_metrics(metrics, state.step)
     model_uri = mlflow_run.tag(MODEL_TAG)
     if model_uri is None and mlflow_run.id is not None:  # once, also after a late kill
-        model_uri = mlflow_run.log_ema_model(EMA_MODEL, params.tracking.registered_model)
+        model_uri = log_ema_model(mlflow_run, EMA_MODEL, params.tracking.registered_model)
         mlflow_run.set_tags({MODEL_TAG: model_uri})
     mlflow_run.finish()
     if model_uri:

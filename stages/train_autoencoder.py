@@ -11,14 +11,13 @@ KILLED and exit with 128 + the signal number, as the train stage does.
 """
 
 import shutil
-import sys
 
 from pipeline.autoencoder_training import fingerprint, train_autoencoder
 from pipeline.checkpoint import Checkpoints
 from pipeline.config import Params, check_data_size, load_params
 from pipeline.data import ImageSet
 from pipeline.io import atomic_folder, save_image, save_json
-from pipeline.loop import Interrupted
+from pipeline.loop import marked_on_failure
 from pipeline.tracking import connect
 from stages import run
 from stages.paths import (AUTOENCODER_CHECKPOINTS, AUTOENCODER_DIR, AUTOENCODER_METRICS,
@@ -46,21 +45,11 @@ def train_and_record(params: Params) -> None:
     mlflow_run = tracker.autoencoder_run(params, checkpoints.run_id())
     checkpoints.set_run_id(mlflow_run.id)
     print(f"train_autoencoder: MLflow run {mlflow_run.id} in {tracker.uri}")
-    try:
-        with atomic_folder(AUTOENCODER_DIR) as folder:
-            result = train_autoencoder(params, data, reference, folder, mlflow_run, checkpoints,
-                                       run_id=mlflow_run.id)
-            save_image(result.grid, folder / RECONSTRUCTIONS.name)
-    except Interrupted as stop:
-        mlflow_run.finish("KILLED")
-        print(f"train_autoencoder: {stop}", file=sys.stderr)
-        sys.exit(128 + stop.signum)
-    except KeyboardInterrupt:
-        mlflow_run.finish("KILLED")
-        raise
-    except BaseException:
-        mlflow_run.finish("FAILED")
-        raise
+    with (marked_on_failure(mlflow_run, "train_autoencoder"),
+          atomic_folder(AUTOENCODER_DIR) as folder):
+        result = train_autoencoder(params, data, reference, folder, mlflow_run, checkpoints,
+                                   run_id=mlflow_run.id)
+        save_image(result.grid, folder / RECONSTRUCTIONS.name)
     save_json({"psnr": result.psnr, "latent_scale": result.latent_scale,
                "steps": result.state.step}, AUTOENCODER_METRICS)
     mlflow_run.finish()

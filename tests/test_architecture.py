@@ -21,8 +21,8 @@ from stages import paths
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
 # Files a module reads as code without importing them: the MLflow model is logged from its
-# source (pipeline.tracking.MODEL_CODE), so what it runs is part of what train produces.
-READS = {"pipeline/tracking.py": ["pipeline/mlflow_model.py"]}
+# source (pipeline.model_logging.MODEL_CODE), so what it runs is part of what train produces.
+READS = {"pipeline/model_logging.py": ["pipeline/mlflow_model.py"]}
 
 
 def module_file(name: str) -> str | None:
@@ -102,6 +102,12 @@ def test_a_sampler_or_metrics_change_does_not_retrain_nor_resample():
     assert "pipeline/metrics.py" not in train | sample
     assert "pipeline/tracking.py" not in sample  # sampling needs no MLflow
     assert "pipeline/training.py" not in sample  # nor the training loop
+
+
+def test_a_unet_or_sampler_change_does_not_retrain_the_autoencoder():
+    code = closure(stage_module_file(dvc_stages()["train_autoencoder"]))
+    assert not code & {"pipeline/unet.py", "pipeline/sampler.py", "pipeline/model_file.py",
+                       "pipeline/noise_scheduler.py", "pipeline/training.py"}
 
 
 def import_graph() -> dict[str, set[str]]:
