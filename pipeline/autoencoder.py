@@ -18,15 +18,20 @@ paper's recipe: the perceptual (LPIPS) and adversarial losses, for a small, self
 
 The file `autoencoder.safetensors` holds the weights and, as JSON metadata, the params that
 rebuild the model, the latent scale, the MLflow run and the step (`save_autoencoder`,
-`load_autoencoder`), in the style of pipeline/model_file.py.
+`load_autoencoder`), in the style of pipeline/model_file.py. A latent model's ema.safetensors
+carries the same weights and metadata, with the file's SHA-256 (`TrainedAutoencoder.metadata`,
+`autoencoder_from`), so that it decodes its samples without the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +42,7 @@ from pipeline.config import Params, ReconstructionLoss, autoencoder_problem, che
 from pipeline.io import load_safetensors, save_safetensors
 
 AUTOENCODER_FILE = "autoencoder.safetensors"
+LATENTS = "latents"  # the folder beside it: the training images' latents, a latent ImageSet
 METADATA = ("params", "latent_scale", "run_id", "step")
 LOGVAR_RANGE = (-30.0, 20.0)  # the paper's code clamps the log-variance to this range
 
@@ -233,6 +239,7 @@ class TrainedAutoencoder:
     params: Params  # its preprocess (image_size, channels) and autoencoder sections
     run_id: str | None  # the MLflow run of its training
     step: int
+    sha256: str = ""  # of the autoencoder.safetensors it was read from: a latent run's identity
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in the model range -> scaled latents (the posterior's mode): diffusion's data."""
@@ -242,24 +249,44 @@ class TrainedAutoencoder:
         """Scaled latents -> images in the model range (not clipped)."""
         return self.model.decode(z / self.latent_scale)
 
+    def metadata(self) -> dict[str, Any]:
+        """The file's metadata values, with its SHA-256."""
+        return {**file_metadata(self.params, self.latent_scale, self.run_id, self.step),
+                "sha256": self.sha256}
 
-def save_autoencoder(path: Path, params: Params, weights: dict[str, torch.Tensor], scale: float,
-                     run_id: str | None, step: int) -> None:
+
+def file_metadata(params: Params, scale: float, run_id: str | None, step: int
+                  ) -> dict[str, Any]:
     sections = to_dict(params)
     sections = {"preprocess": {k: sections["preprocess"][k] for k in ("image_size", "channels")},
                 "autoencoder": sections["autoencoder"]}
+    return {"params": sections, "latent_scale": scale, "run_id": run_id, "step": step}
+
+
+def save_autoencoder(path: Path, params: Params, weights: dict[str, torch.Tensor], scale: float,
+                     run_id: str | None, step: int) -> None:
     if not math.isfinite(scale):
         raise ValueError(f"latent scale {scale} is not finite: the latents are constant")
-    metadata = {"params": sections, "latent_scale": scale, "run_id": run_id, "step": step}
+    metadata = file_metadata(params, scale, run_id, step)
     save_safetensors(weights, {key: json.dumps(value) for key, value in metadata.items()}, path)
 
 
 def load_autoencoder(path: Path, device: torch.device | None = None) -> TrainedAutoencoder:
-    """The saved autoencoder, in eval mode on `device` (default: the CPU)."""
+    """The saved autoencoder, in eval mode on `device` (default: the CPU), with the file's
+    SHA-256."""
     weights, metadata = load_safetensors(path)
-    saved = {key: json.loads(metadata[key]) for key in METADATA}
+    trained = autoencoder_from(weights, {key: json.loads(metadata[key]) for key in METADATA},
+                               device)
+    return dataclasses.replace(trained, sha256=hashlib.sha256(Path(path).read_bytes()).hexdigest())
+
+
+def autoencoder_from(weights: dict[str, torch.Tensor], saved: dict[str, Any],
+                     device: torch.device | None = None) -> TrainedAutoencoder:
+    """The autoencoder of these weights and metadata values (the file's, or `metadata()`'s), in
+    eval mode on `device` (default: the CPU)."""
     params = from_dict(saved["params"], check_combinations=False)
     model = build_autoencoder(params)
     model.load_state_dict(weights)
     model.to(device or torch.device("cpu")).eval()
-    return TrainedAutoencoder(model, saved["latent_scale"], params, saved["run_id"], saved["step"])
+    return TrainedAutoencoder(model, saved["latent_scale"], params, saved["run_id"], saved["step"],
+                              saved.get("sha256", ""))

@@ -11,6 +11,9 @@ checkpoint (pipeline/loop.py), as in pipeline/training.py.
 
 At the end the latent scale is computed from the posterior modes of all training images (1 /
 their standard deviation: `latent_scale`), and saved with the weights as autoencoder.safetensors;
+the modes times the scale, the training images' latents, are saved beside it as a latent ImageSet
+(float32, memory-mapped when loaded, with the images' labels and classes): a latent-space model
+trains on them, streamed by pipeline/batches.py as images are, and encodes nothing itself.
 the reconstruction PSNR of up to autoencoder.eval_images held-out images, and a grid of held-out
 originals (odd rows) over their reconstructions (even rows), are logged to the `Logger`.
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipeline.autoencoder import (AUTOENCODER_FILE, Autoencoder, autoencoder_loss,
+from pipeline.autoencoder import (AUTOENCODER_FILE, LATENTS, Autoencoder, autoencoder_loss,
                                   build_autoencoder, latent_scale, psnr, save_autoencoder)
 from pipeline.batches import Batches
 from pipeline.checkpoint import Checkpoints, random_states, restore_random_states
@@ -69,7 +72,8 @@ def fingerprint(params: Params, data: ImageSet) -> str:
 def train_autoencoder(params: Params, data: ImageSet, reference: ImageSet, out_dir: Path,
                       logger: Logger, checkpoints: Checkpoints, run_id: str | None = None,
                       device: torch.device | None = None) -> AutoencoderResult:
-    """Train on `data`, evaluate on `reference`, write out_dir/autoencoder.safetensors.
+    """Train on `data`, evaluate on `reference`, write out_dir/autoencoder.safetensors and the
+    latents of `data`, out_dir/latents.
 
     Resumes from the newest checkpoint of `checkpoints` (the same params and images). Raises
     Interrupted after SIGINT/SIGTERM, with a checkpoint of the last finished step, and
@@ -112,9 +116,12 @@ def train_autoencoder(params: Params, data: ImageSet, reference: ImageSet, out_d
             if stop.signum:
                 raise Interrupted(stop.signum, state.step)
     model.eval()
-    scale = latent_scale(encode(model, data.images, device))
+    modes = encode(model, data.images, device)
+    scale = latent_scale(modes)
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     save_autoencoder(out_dir / AUTOENCODER_FILE, params, weights, scale, run_id, state.step)
+    # As TrainedAutoencoder.encode scales them: the same float32 numbers.
+    ImageSet(modes * scale, data.labels, data.classes).save(out_dir / LATENTS)
     held_out = reference.images[:a.eval_images]
     reconstructions = reconstruct(model, held_out, device)
     quality = psnr(to_model_range(held_out), reconstructions).mean().item()

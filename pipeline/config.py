@@ -140,6 +140,7 @@ class DiffusionParams:
     prediction_type: PredictionType = "epsilon"
     rescale_zero_terminal_snr: bool = False  # Lin et al. 2023
     sigma_data: float = spec(0.5, low=0.0, low_open=True)  # EDM: the data's standard deviation
+    # (the pixels' is about 0.5; latent space's scaled latents have unit variance: 1.0)
     sigma_min: float = spec(0.002, low=0.0, low_open=True)  # EDM: the samplers' noise range
     sigma_max: float = spec(80.0, low=0.0, low_open=True, high=math.inf, high_open=True)
     p_mean: float = -1.2  # EDM training: ln(sigma) ~ N(p_mean, p_std^2)
@@ -153,7 +154,7 @@ class TrainParams:
     # Images per forward/backward pass on each process; the gradients of the passes add up to
     # the whole batch's (EDM's --batch-gpu). 0 = the whole batch of each process in one pass.
     micro_batch_size: int = spec(0, low=0)
-    hflip: bool = False  # mirror each training image left-right with probability 1/2
+    hflip: bool = False  # mirror each training image left-right with probability 1/2 (pixel space)
     lr: float = spec(2e-3, low=0.0, low_open=True)
     weight_decay: float = spec(0.0, low=0.0)
     warmup_steps: int = spec(100, low=0)  # linear learning-rate warm-up
@@ -180,6 +181,8 @@ class SampleParams:
     num_steps: int = spec(100, low=1)
     eta: float = spec(0.0, low=0.0, high=1.0)  # DDIM: 0 deterministic, 1 DDPM-like
     timestep_spacing: TimestepSpacing = "trailing"
+    # Clip each step's x0 estimate to the pixel range [-1, 1]. A latent model (model.space
+    # latent) is never clipped: its scaled latents have unit variance and no bounded range.
     clip_sample: bool = True
     variance_type: VarianceType = "fixed_small"
     num_images: int = spec(1000, low=2)
@@ -617,6 +620,15 @@ def _sampler_problems(params: Params) -> Iterator[str]:
                f"between them, so sample.s_churn = {p.s_churn!r} would add no noise")
 
 
+def _latent_problems(params: Params) -> Iterator[str]:
+    """What a latent-space model cannot do: its training data are the cached latents of the
+    unmirrored images, and the mirror image of a latent is not the latent of the mirrored image."""
+    if params.model.space == "latent" and params.train.hflip:
+        yield ("train.hflip = True mirrors the training data, which with model.space = 'latent' "
+               "are the autoencoder's cached latents, and a mirrored latent is not the latent of "
+               "the mirrored image; set train.hflip = False, or train in model.space = 'pixel'")
+
+
 def _check_combinations(params: Params) -> None:
     """Raise one ParamsError naming every combination of values the pipeline cannot run."""
     d = params.diffusion
@@ -628,6 +640,7 @@ def _check_combinations(params: Params) -> None:
         *_step_problems(params),
         *_sampler_problems(params),
         *_formulation_problems(params),
+        *_latent_problems(params),
         _batch_problem(params),
         _micro_batch_problem(params),
     ]

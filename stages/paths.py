@@ -17,10 +17,11 @@ CLASSIFIER = Path("outputs/classifier/model.pt")
 CLASSIFIER_METRICS = Path("outputs/classifier/metrics.json")
 
 # train_autoencoder: the folder holds autoencoder.safetensors (pipeline.autoencoder, written by
-# pipeline.autoencoder_training) and the grid of reconstructions, or in pixel space only the
-# marker that no autoencoder is needed.
+# pipeline.autoencoder_training), the training images' latents and the grid of reconstructions,
+# or in pixel space only the marker that no autoencoder is needed.
 AUTOENCODER_DIR = Path("outputs/autoencoder/model")
 AUTOENCODER = AUTOENCODER_DIR / "autoencoder.safetensors"
+LATENTS = AUTOENCODER_DIR / "latents"  # the training images' latents: a latent-space model's data
 RECONSTRUCTIONS = AUTOENCODER_DIR / "reconstructions.png"
 NO_AUTOENCODER = AUTOENCODER_DIR / "not_needed.json"
 AUTOENCODER_METRICS = Path("outputs/autoencoder/metrics.json")

@@ -1,9 +1,11 @@
 """DVC stage `train`: train the diffusion model, logging to MLflow; write the EMA weights.
 
 Outputs: outputs/train/ema.safetensors (EMA weights + what rebuilds the model), metrics.json and
-history.csv (DVC metrics and plots). Checkpoints go to checkpoints/<run> in the main repository,
-outside DVC's outputs (stages/paths.py): an interrupted run, also under `dvc exp run`, resumes
-from them in the same MLflow run. SIGINT/SIGTERM write a checkpoint, mark the MLflow run KILLED
+history.csv (DVC metrics and plots). With model.space latent it trains on the training images'
+latents, which the train_autoencoder stage wrote, and the model file carries that autoencoder.
+Checkpoints go to checkpoints/<run> in the main repository, outside DVC's outputs
+(stages/paths.py): an interrupted run, also under `dvc exp run`, resumes from them in the same
+MLflow run. SIGINT/SIGTERM write a checkpoint, mark the MLflow run KILLED
 and exit with 128 + the signal number; a diverged loss marks it FAILED.
 
 With `train.num_processes` > 1 the stage starts itself again under torchrun, as that many
@@ -14,6 +16,7 @@ process group that torchrun describes. Only rank 0 talks to MLflow and writes th
 import os
 
 from pipeline import distributed
+from pipeline.autoencoder import load_autoencoder
 from pipeline.checkpoint import Checkpoints
 from pipeline.config import Params, check_classes, check_data_size, load_params
 from pipeline.data import ImageSet
@@ -26,8 +29,8 @@ from pipeline.tracking import Run, TrainingCurves, connect
 from pipeline.training import TrainState, fingerprint, save_history, summary, train
 from pipeline.unet import build_model, count_parameters
 from stages import run
-from stages.paths import (CHECKPOINTS, EMA_MODEL, HISTORY, LOSS_CURVE, TRAIN_DIR, TRAIN_METRICS,
-                          TRAIN_SET)
+from stages.paths import (AUTOENCODER, CHECKPOINTS, EMA_MODEL, HISTORY, LATENTS, LOSS_CURVE,
+                          TRAIN_DIR, TRAIN_METRICS, TRAIN_SET)
 
 MODEL_TAG = "ema_model_uri"  # set once the EMA model is logged (and registered)
 
@@ -45,10 +48,12 @@ def main() -> None:
 
 
 def train_and_record(params: Params, world: distributed.World) -> None:
-    data = ImageSet.load(TRAIN_SET)
+    latent = params.model.space == "latent"  # then the images' latents, and what decodes them
+    data = ImageSet.load(LATENTS if latent else TRAIN_SET)
+    autoencoder = load_autoencoder(AUTOENCODER, world.device) if latent else None
     check_data_size(params, len(data))
     check_classes(params, data.classes)
-    checkpoints = Checkpoints(CHECKPOINTS, fingerprint(params, data, world.size))
+    checkpoints = Checkpoints(CHECKPOINTS, fingerprint(params, data, world.size, autoencoder))
     if world.is_main:
         tracker = connect(params.tracking)  # an unreachable store fails here, before any work
         mlflow_run = tracker.training_run(params, checkpoints.run_id())
@@ -60,7 +65,7 @@ def train_and_record(params: Params, world: distributed.World) -> None:
         curves = TrainingCurves(mlflow_run)
         logger = TrainProgress(curves, params.train) if world.is_main else curves
         state = train(params, data, TRAIN_DIR, logger, run_id=mlflow_run.id, world=world,
-                      checkpoints=checkpoints)
+                      checkpoints=checkpoints, autoencoder=autoencoder)
     if world.is_main:
         record(params, state, mlflow_run)
         checkpoints.complete()

@@ -209,9 +209,11 @@ def test_the_stage_paths_are_the_outs_of_dvc_yaml():
     outs = set().union(*(declared_paths(stage) for stage in dvc_stages().values()))
     # The train stage's folder, the files in the autoencoder's folder (an out), and the
     # checkpoints, which are kept out of DVC's hands.
-    inside = {str(p) for p in (paths.AUTOENCODER, paths.RECONSTRUCTIONS, paths.NO_AUTOENCODER)}
+    inside = {str(p) for p in (paths.AUTOENCODER, paths.LATENTS, paths.RECONSTRUCTIONS,
+                               paths.NO_AUTOENCODER)}
     kept_out = {str(paths.TRAIN_DIR), str(paths.CHECKPOINTS), str(paths.AUTOENCODER_CHECKPOINTS)}
     assert named - kept_out - inside == outs
     assert paths.EMA_MODEL.parent == paths.TRAIN_DIR and paths.CHECKPOINTS.is_absolute()
     assert {p.parent for p in map(Path, inside)} == {paths.AUTOENCODER_DIR}
     assert paths.AUTOENCODER.name == autoencoder.AUTOENCODER_FILE
+    assert paths.LATENTS.name == autoencoder.LATENTS
