@@ -110,6 +110,16 @@ def test_a_unet_or_sampler_change_does_not_retrain_the_autoencoder():
                        "pipeline/noise_scheduler.py", "pipeline/training.py"}
 
 
+def test_no_diffusion_param_retrains_the_autoencoder_nor_an_autoencoder_param_the_unet():
+    """train reads the autoencoder through its folder (its file and latents; in pixel space a
+    marker that no autoencoder param changes), never through params of its own."""
+    stages = dvc_stages()
+    assert [p for p in stages["train_autoencoder"]["params"]
+            if p.split(".")[0] in ("model", "diffusion", "train", "sample")] == ["model.space"]
+    assert "outputs/autoencoder/model" in stages["train"]["deps"]
+    assert not [p for p in stages["train"]["params"] if p.startswith("autoencoder")]
+
+
 def import_graph() -> dict[str, set[str]]:
     files = [p.relative_to(ROOT).as_posix() for package in PACKAGES
              for p in (ROOT / package).glob("*.py")]
