@@ -26,7 +26,7 @@ from pipeline.config import TrainParams
 from pipeline.data import ImageSet, to_model_range
 
 DEPTH = 2  # batches gathered ahead: one to hide the next gather behind a step, one spare
-Rows = tuple[torch.Tensor, torch.Tensor | None]  # a batch's uint8 images, its labels or None
+Rows = tuple[torch.Tensor, torch.Tensor | None]  # a batch's images (uint8 or latents), labels
 
 
 def batch_indices(seed: int, step: int, batch_size: int, n: int) -> torch.Tensor:
@@ -52,9 +52,10 @@ def gather(data: ImageSet, step: int, p: TrainParams, shard: slice, labels: bool
 
 def to_device(rows: Rows, device: torch.device) -> Rows:
     """The images in the model's range and the labels on `device`: a copy that does not wait
-    for the device (from pinned memory), then the conversion there."""
+    for the device (from pinned memory), then the conversion there. A latent set's float32
+    latents are the model's input as they are."""
     images, labels = (None if r is None else r.to(device, non_blocking=True) for r in rows)
-    return to_model_range(images), labels
+    return (to_model_range(images) if images.dtype == torch.uint8 else images), labels
 
 
 class Batches:

@@ -1,7 +1,8 @@
 """Typed, validated experiment parameters: params.yaml is the single source of every hyperparameter.
 
 `load_params("params.yaml")` returns a frozen `Params` with one section per DVC stage or concern
-(preprocess, model, diffusion, train, sample, classifier, evaluate, tracking). Every field has a
+(preprocess, autoencoder, model, diffusion, train, sample, classifier, evaluate,
+tracking). Every field has a
 default, so a partial file works. Bad input raises `ParamsError` before anything runs: an unknown
 key names its section and the closest valid names, a wrong type or out-of-range value names the
 dotted key, the value and what is allowed. Then combinations that each key allows alone but the
@@ -40,6 +41,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 SamplingMethod = Literal["ddpm", "ddim", "dpmpp_2m", "heun", "edm_stochastic"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 VarianceType = Literal["fixed_small", "fixed_large"]
+ReconstructionLoss = Literal["l1", "mse"]
+Space = Literal["pixel", "latent"]
 
 
 def choices(literal: Any) -> tuple[Any, ...]:
@@ -85,7 +88,32 @@ class PreprocessParams:
 
 
 @dataclass(frozen=True)
+class AutoencoderParams:
+    # The KL-regularised autoencoder of latent diffusion (pipeline/autoencoder.py; Rombach et al.
+    # 2022), trained by stage train_autoencoder when model.space is latent.
+    factor: Literal[2, 4, 8] = 4  # downsampling factor f: latents of image_size / f px a side
+    latent_channels: int = spec(4, low=1)
+    base_channels: int = spec(32, low=1)
+    channel_mult: tuple[int, ...] = spec((1, 2, 2), low=1)  # one per level: log2(factor) + 1
+    num_res_blocks: int = spec(1, low=1)  # per level on the encoder side (+1 on the decoder's)
+    norm_groups: int = spec(8, low=1)  # GroupNorm groups
+    reconstruction_loss: ReconstructionLoss = "l1"  # summed over each image's pixels
+    kl_weight: float = spec(1e-6, low=0.0)  # weight of KL(q(z|x) || N(0, I)), the paper's 1e-6
+    lr: float = spec(1e-3, low=0.0, low_open=True)  # Adam, constant
+    steps: int = spec(2000, low=1)
+    batch_size: int = spec(64, low=1)
+    log_every: int = spec(50, low=1)
+    checkpoint_every: int = spec(500, low=1)
+    eval_images: int = spec(500, low=1)  # held-out images for the reconstruction PSNR (at most)
+    grid_images: int = spec(16, low=1)  # originals against reconstructions in the logged grid
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ModelParams:
+    # pixel: the UNet denoises the images; latent: the autoencoder's scaled latents (section
+    # autoencoder), and the samples are decoded to images (Rombach et al. 2022).
+    space: Space = "pixel"
     base_channels: int = spec(16, low=1)
     channel_mult: tuple[int, ...] = spec((1, 2, 4), low=1)  # one entry per resolution level
     num_res_blocks: int = spec(1, low=1)  # residual blocks per level
@@ -112,6 +140,7 @@ class DiffusionParams:
     prediction_type: PredictionType = "epsilon"
     rescale_zero_terminal_snr: bool = False  # Lin et al. 2023
     sigma_data: float = spec(0.5, low=0.0, low_open=True)  # EDM: the data's standard deviation
+    # (the pixels' is about 0.5; latent space's scaled latents have unit variance: 1.0)
     sigma_min: float = spec(0.002, low=0.0, low_open=True)  # EDM: the samplers' noise range
     sigma_max: float = spec(80.0, low=0.0, low_open=True, high=math.inf, high_open=True)
     p_mean: float = -1.2  # EDM training: ln(sigma) ~ N(p_mean, p_std^2)
@@ -125,7 +154,7 @@ class TrainParams:
     # Images per forward/backward pass on each process; the gradients of the passes add up to
     # the whole batch's (EDM's --batch-gpu). 0 = the whole batch of each process in one pass.
     micro_batch_size: int = spec(0, low=0)
-    hflip: bool = False  # mirror each training image left-right with probability 1/2
+    hflip: bool = False  # mirror each training image left-right with probability 1/2 (pixel space)
     lr: float = spec(2e-3, low=0.0, low_open=True)
     weight_decay: float = spec(0.0, low=0.0)
     warmup_steps: int = spec(100, low=0)  # linear learning-rate warm-up
@@ -152,6 +181,8 @@ class SampleParams:
     num_steps: int = spec(100, low=1)
     eta: float = spec(0.0, low=0.0, high=1.0)  # DDIM: 0 deterministic, 1 DDPM-like
     timestep_spacing: TimestepSpacing = "trailing"
+    # Clip each step's x0 estimate to the pixel range [-1, 1]. A latent model (model.space
+    # latent) is never clipped: its scaled latents have unit variance and no bounded range.
     clip_sample: bool = True
     variance_type: VarianceType = "fixed_small"
     num_images: int = spec(1000, low=2)
@@ -199,6 +230,7 @@ class TrackingParams:
 @dataclass(frozen=True)
 class Params:
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    autoencoder: AutoencoderParams = field(default_factory=AutoencoderParams)
     model: ModelParams = field(default_factory=ModelParams)
     diffusion: DiffusionParams = field(default_factory=DiffusionParams)
     train: TrainParams = field(default_factory=TrainParams)
@@ -373,16 +405,45 @@ def unet_problem(image_size: int, base_channels: int, channel_mult: Sequence[int
                 f"occur; the feature-map sizes for {name('image_size')}={image_size} and "
                 f"{name('channel_mult')}={list(channel_mult)} are {sizes}; use some of those")
     widths = [base_channels * mult for mult in channel_mult]
-    if any(ch % norm_groups for ch in [base_channels, *widths]):
-        return (f"{name('norm_groups')}={norm_groups} must divide {name('base_channels')}="
-                f"{base_channels} and every level's channels {widths} ({name('base_channels')} * "
-                f"{name('channel_mult')}); use {_divisors(base_channels, *widths)}")
+    groups = norm_groups_problem(base_channels, channel_mult, norm_groups, name)
+    if groups:
+        return groups
     attended = [(ch, size) for ch, size in zip(widths, sizes) if size in attention_resolutions]
     for ch, size in attended:
         if ch % num_heads:
             return (f"{name('num_heads')}={num_heads} must divide the {ch} channels of the {size} "
                     f"px attention level; use {_divisors(*(c for c, _ in attended))}")
     return None
+
+
+def autoencoder_problem(image_size: int, factor: int, base_channels: int,
+                        channel_mult: Sequence[int], norm_groups: int,
+                        name: Callable[[str], str] = str) -> str | None:
+    """Why an autoencoder of this shape cannot be built (pipeline/autoencoder.py), or None:
+    log2(factor) downsamplings, one per level but the last; all counts >= 1."""
+    if factor not in (2, 4, 8):
+        return f"{name('factor')}={factor} must be 2, 4 or 8"
+    levels = int(math.log2(factor)) + 1
+    if len(channel_mult) != levels:
+        return (f"{name('channel_mult')}={list(channel_mult)} must have log2({name('factor')}) + 1"
+                f" = {levels} entries for {name('factor')}={factor}, one per level, e.g. "
+                f"{[min(2 ** i, 4) for i in range(levels)]}")
+    if image_size % factor:
+        return (f"{name('image_size')}={image_size} is not divisible by {name('factor')}="
+                f"{factor}; use a factor that divides it, or an image size that is a multiple of "
+                f"{factor}")
+    return norm_groups_problem(base_channels, channel_mult, norm_groups, name)
+
+
+def norm_groups_problem(base_channels: int, channel_mult: Sequence[int], norm_groups: int,
+                        name: Callable[[str], str] = str) -> str | None:
+    """Why GroupNorm with norm_groups groups cannot normalise every level's channels, or None."""
+    widths = [base_channels * mult for mult in channel_mult]
+    if not any(ch % norm_groups for ch in [base_channels, *widths]):
+        return None
+    return (f"{name('norm_groups')}={norm_groups} must divide {name('base_channels')}="
+            f"{base_channels} and every level's channels {widths} ({name('base_channels')} * "
+            f"{name('channel_mult')}); use {_divisors(base_channels, *widths)}")
 
 
 def _divisors(*numbers: int) -> str:
@@ -423,6 +484,40 @@ def zero_terminal_snr_problem(rescale_zero_terminal_snr: bool, prediction_type: 
 
 def _unet_key(argument: str) -> str:
     return "preprocess.image_size" if argument == "image_size" else f"model.{argument}"
+
+
+def _latent_unet_key(argument: str) -> str:
+    """A latent UNet's input side is the latents': the image size over the autoencoder's factor."""
+    if argument == "image_size":
+        return "the latent side (preprocess.image_size / autoencoder.factor)"
+    return f"model.{argument}"
+
+
+def _autoencoder_key(argument: str) -> str:
+    return "preprocess.image_size" if argument == "image_size" else f"autoencoder.{argument}"
+
+
+def unet_input(params: Params) -> tuple[int, int]:
+    """The (channels, side length) of what the UNet denoises: the images', or in latent space
+    the autoencoder's latents'."""
+    p = params.preprocess
+    if params.model.space == "latent":
+        return params.autoencoder.latent_channels, p.image_size // params.autoencoder.factor
+    return p.channels, p.image_size
+
+
+def _unet_problems(params: Params) -> Iterator[str | None]:
+    """The UNet's shape rules, for its input: the images, or the autoencoder's latents."""
+    m, a = params.model, params.autoencoder
+    if m.space == "latent":
+        shape = autoencoder_problem(params.preprocess.image_size, a.factor, a.base_channels,
+                                    a.channel_mult, a.norm_groups, _autoencoder_key)
+        if shape:
+            yield shape
+            return
+    name = _latent_unet_key if m.space == "latent" else _unet_key
+    yield unet_problem(unet_input(params)[1], m.base_channels, m.channel_mult,
+                       m.attention_resolutions, m.num_heads, m.norm_groups, name)
 
 
 def _diffusion_key(argument: str) -> str:
@@ -525,18 +620,27 @@ def _sampler_problems(params: Params) -> Iterator[str]:
                f"between them, so sample.s_churn = {p.s_churn!r} would add no noise")
 
 
+def _latent_problems(params: Params) -> Iterator[str]:
+    """What a latent-space model cannot do: its training data are the cached latents of the
+    unmirrored images, and the mirror image of a latent is not the latent of the mirrored image."""
+    if params.model.space == "latent" and params.train.hflip:
+        yield ("train.hflip = True mirrors the training data, which with model.space = 'latent' "
+               "are the autoencoder's cached latents, and a mirrored latent is not the latent of "
+               "the mirrored image; set train.hflip = False, or train in model.space = 'pixel'")
+
+
 def _check_combinations(params: Params) -> None:
     """Raise one ParamsError naming every combination of values the pipeline cannot run."""
-    m, d = params.model, params.diffusion
+    d = params.diffusion
     problems = [
-        unet_problem(params.preprocess.image_size, m.base_channels, m.channel_mult,
-                     m.attention_resolutions, m.num_heads, m.norm_groups, _unet_key),
+        *_unet_problems(params),
         beta_problem(d.schedule, d.beta_start, d.beta_end, _diffusion_key),
         zero_terminal_snr_problem(d.rescale_zero_terminal_snr, d.prediction_type,
                                   d.num_timesteps, _diffusion_key),
         *_step_problems(params),
         *_sampler_problems(params),
         *_formulation_problems(params),
+        *_latent_problems(params),
         _batch_problem(params),
         _micro_batch_problem(params),
     ]
@@ -548,18 +652,20 @@ def _check_combinations(params: Params) -> None:
                           + " ".join(f"({i}) {p}." for i, p in enumerate(problems, 1)))
 
 
-def check_data_size(params: Params, num_train_images: int) -> None:
-    """Raise ParamsError if a training batch is larger than the training set.
+def check_data_size(params: Params, num_train_images: int, section: str = "train") -> None:
+    """Raise ParamsError if a training batch (of `section`: train or autoencoder) is larger than
+    the training set.
 
-    Only known once the data is loaded, so the train stage calls this right after loading it.
+    Only known once the data is loaded, so the training stages call this right after loading it.
     """
-    batch_size = params.train.batch_size
+    batch_size = getattr(params, section).batch_size
     if batch_size <= num_train_images:
         return
     cap = params.preprocess.max_train_images
     capped = f" (preprocess.max_train_images = {cap})" if cap else ""
-    raise ParamsError(f"train.batch_size = {batch_size} is larger than the training set, "
-                      f"{num_train_images} images{capped}; use a train.batch_size of at most "
+    key = f"{section}.batch_size"
+    raise ParamsError(f"{key} = {batch_size} is larger than the training set, "
+                      f"{num_train_images} images{capped}; use a {key} of at most "
                       f"{num_train_images}, or more training images")
 
 

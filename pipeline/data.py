@@ -4,7 +4,9 @@ Any ImageFolder tree works as data: `<root>/<class>/<image>` (grey or colour, an
 format PIL reads). Each image is converted to the configured channel count, its shorter side
 resized to `image_size` (bicubic; antialiased when shrinking) and centre-cropped to a square.
 The result is an `ImageSet`: uint8 images [N, C, H, W], int64 class labels [N] and class names,
-which is all that training and evaluation need and loads in a fraction of a second.
+which is all that training and evaluation need and loads in a fraction of a second. A latent set
+is an ImageSet of float32 latents [N, c, h, w] instead, an autoencoder's encoding of one
+(pipeline/autoencoder_training.py), which a latent-space model trains on.
 A file that cannot be used (corrupt, truncated, not an image, smaller than `image_size` unless
 upscaling is allowed), an empty class folder and a class folder that is a symbolic link (DVC
 would not pin its images) are errors that name them, or with `preprocess.on_bad_image: skip`
@@ -49,7 +51,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class ImageSet:
-    images: torch.Tensor  # uint8 [N, C, H, W]
+    images: torch.Tensor  # uint8 [N, C, H, W]; a latent set's float32 latents [N, c, h, w]
     labels: torch.Tensor  # int64 [N], index into `classes`
     classes: tuple[str, ...]
 
@@ -61,7 +63,8 @@ class ImageSet:
 
     def save(self, folder: str | Path) -> None:
         """Write the set as a folder (`SetFolder`), atomically."""
-        with SetFolder.create(folder, len(self), tuple(self.images.shape[1:])) as out:
+        with SetFolder.create(folder, len(self), tuple(self.images.shape[1:]),
+                              self.images.numpy().dtype) as out:
             for row in range(0, len(self), 4096):  # bounded memory for a memory-mapped set too
                 out.put(row, self.images[row:row + 4096].numpy())
             out.finish(self.labels.numpy(), self.classes)
@@ -84,7 +87,8 @@ IMAGES, LABELS, CLASSES = "images.npy", "labels.npy", "classes.json"
 
 
 class SetFolder:
-    """An ImageSet being written: `images.npy` (uint8 [N, C, H, W]), `labels.npy` (int64 [N])
+    """An ImageSet being written: `images.npy` (uint8 [N, C, H, W], or a latent set's float32
+    latents), `labels.npy` (int64 [N])
     and `classes.json` (the class names) in a temporary folder beside `folder`, which becomes
     `folder` only when the block succeeds (pipeline.io.atomic_folder).
 
@@ -93,28 +97,29 @@ class SetFolder:
     frees, rather than in this process's resident memory, so that the preprocess stage's memory
     does not grow with the data set."""
 
-    def __init__(self, tmp: Path, count: int, shape: tuple[int, ...]) -> None:
-        self.tmp, self.count = tmp, count
-        images = np.lib.format.open_memmap(tmp / IMAGES, mode="w+", dtype=np.uint8,
+    def __init__(self, tmp: Path, count: int, shape: tuple[int, ...],
+                 dtype: np.dtype = np.dtype(np.uint8)) -> None:
+        self.tmp, self.count, self.dtype = tmp, count, dtype
+        images = np.lib.format.open_memmap(tmp / IMAGES, mode="w+", dtype=dtype,
                                            shape=(count, *shape))  # the header, and the size
-        self.offset, self.row_bytes = images.offset, math.prod(shape)
+        self.offset, self.row_bytes = images.offset, math.prod(shape) * dtype.itemsize
         del images
         self.fd = os.open(tmp / IMAGES, os.O_WRONLY)
 
     def put(self, row: int, image: np.ndarray) -> None:
-        """Write one image (uint8 [C, H, W]) or consecutive ones ([n, C, H, W]) from `row` on."""
-        os.pwrite(self.fd, np.ascontiguousarray(image, np.uint8).data,
+        """Write one image ([C, H, W]) or consecutive ones ([n, C, H, W]) from `row` on."""
+        os.pwrite(self.fd, np.ascontiguousarray(image, self.dtype).data,
                   self.offset + row * self.row_bytes)
 
     @classmethod
     @contextlib.contextmanager
-    def create(cls, folder: str | Path, count: int,
-               shape: tuple[int, ...]) -> Iterator[SetFolder]:
+    def create(cls, folder: str | Path, count: int, shape: tuple[int, ...],
+               dtype: np.dtype = np.dtype(np.uint8)) -> Iterator[SetFolder]:
         folder = Path(folder)
         if folder.exists():
             shutil.rmtree(folder)  # atomic_folder moves into place only onto nothing
         with atomic_folder(folder) as tmp:
-            out = cls(tmp, count, shape)
+            out = cls(tmp, count, shape, np.dtype(dtype))
             try:
                 yield out
             finally:

@@ -46,6 +46,11 @@ RESBLOCK = {"norm1": "norm1", "conv1": "conv1", "emb": "time_emb_proj", "norm2":
 def unexpressible(params: Params) -> str | None:
     """Why UNet2DModel cannot be this model, naming the param, or None."""
     m = params.model
+    if m.space == "latent":
+        return ("model.space = 'latent': the model denoises an autoencoder's latents, and "
+                "diffusers' DDPMPipeline, UNet2DModel and DDPMScheduler have no place for the "
+                "autoencoder that decodes them into images; only a model trained with "
+                "model.space = 'pixel' can be expressed")
     if params.diffusion.formulation == "edm":
         return ("diffusion.formulation = 'edm': EDM's preconditioning (c_skip, c_out, c_in, "
                 "c_noise; Karras et al. 2022, Table 1) and continuous noise levels have no "

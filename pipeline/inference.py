@@ -5,6 +5,9 @@ The sample and evaluate stages, the generate CLI (pipeline/generate.py) and the 
 A class-conditional model draws the classes of `sample.classes` (all if empty) and may sample
 with classifier-free guidance (`sample.guidance_scale`, see pipeline.sampler.guided). The network
 runs in `sample.precision`: under bf16 autocast or not, "auto" on a CPU timed on the first batch.
+A latent model's samples (and x0 estimates) are latents, decoded to images by the autoencoder
+that its file carries (`TrainedModel.to_images`), and never clipped to the pixel range
+(`sample.clip_sample` clips a pixel model's only).
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def denoiser(model: UNet, labels: torch.Tensor | None, guidance_scale: float) ->
 def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = None,
              return_intermediates: bool = False, labels: torch.Tensor | None = None,
              progress: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """uint8 images [N, C, H, W] from the configured sampler, in batches, seeded by p.seed.
+    """uint8 images [N, C, H, W] from the configured sampler, in batches, seeded by p.seed; a
+    latent model's decoded.
 
     A class-conditional model draws image i of class `draw_labels(...)[i]`, or of `labels[i]`
     when given (which then sets N). With return_intermediates, also the x0 predictions of every
@@ -75,7 +79,8 @@ def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = No
         out = sample(network, trained.scheduler,
                      (n, model.in_channels, model.image_size, model.image_size),
                      method=p.method, num_steps=p.num_steps, eta=p.eta,
-                     timestep_spacing=p.timestep_spacing, clip_sample=p.clip_sample,
+                     timestep_spacing=p.timestep_spacing,
+                     clip_sample=p.clip_sample and trained.autoencoder is None,
                      variance_type=p.variance_type,
                      churn=Churn(p.s_churn, p.s_tmin, p.s_tmax, p.s_noise),
                      generator=generator, device=device,
@@ -83,8 +88,8 @@ def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = No
                      self_condition=model.self_condition)
         if return_intermediates and start == 0:
             out, intermediates = out
-        images.append(to_uint8(out.cpu()))
-    return torch.cat(images), [to_uint8(x.cpu()) for x in intermediates]
+        images.append(to_uint8(trained.to_images(out).cpu()))
+    return torch.cat(images), [to_uint8(trained.to_images(x).cpu()) for x in intermediates]
 
 
 def sampling_bf16(trained: TrainedModel, p: SampleParams, labels: torch.Tensor | None, n: int,

@@ -3,7 +3,7 @@
 MLflow runs this file to rebuild the model; nothing of it is pickled
 (https://mlflow.org/docs/latest/ml/model/models-from-code/). Its one artifact, `ema`, is the EMA
 weights file (pipeline/model_file.py), read with weights only: a crafted file is refused, never
-run. pipeline.tracking.MlflowRun.log_ema_model logs it with the pipeline package as its code, so
+run. pipeline.model_logging.log_ema_model logs it with the pipeline package as its code, so
 it loads anywhere MLflow and torch are installed:
 
     model = mlflow.pyfunc.load_model("models:/simple-diffusion/latest")

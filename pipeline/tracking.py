@@ -20,10 +20,11 @@ says that the run is NOT tracked and returns the base `Tracker`, whose runs reco
 the MLflow ones.
 URIs are printed and logged only through `redact`, which masks credentials.
 
-The final EMA model is logged as an MLflow model of the training run (`MlflowRun.log_ema_model`), in
-MLflow's "models from code" form: pipeline/mlflow_model.py defines it, the EMA weights file is
-its artifact, the pipeline package its code, so nothing is pickled; it is registered in the model
-registry under `tracking.registered_model`, a new version per training.
+The final EMA model is logged as an MLflow model of the training run, and registered, by
+pipeline/model_logging.py: this module imports nothing of the model, so that a stage that only
+records a run (train_autoencoder) does not depend on the UNet and the sampler.
+
+A stage's run ends FAILED or KILLED when the stage does (pipeline.loop.marked_on_failure).
 
 Queued experiments, `mlflow ui` and scripts share one SQLite store: pipeline/sqlite_store.py
 creates it whole and switches it to write-ahead logging, so that none of them breaks another.
@@ -41,17 +42,13 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
-import torch
 from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
@@ -62,8 +59,6 @@ from pipeline import sqlite_store
 from pipeline.config import Params, TrackingParams, flatten
 from pipeline.io import project_root
 from pipeline.logger import Logger, Relay
-from pipeline.model_file import load_ema_model
-from pipeline.model_request import example_request
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: nests a run under another in the UI
 DETAIL_PREFIXES = ("class_share/",)  # evaluation metrics kept on the nested run alone
@@ -76,10 +71,6 @@ CURVE_KEYS = {"loss": "train/loss", "grad_norm": "train/grad_norm", "lr": "train
               "images_per_s": "system/images_per_s", "seconds": "system/seconds"}
 PROGRESS_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its download bars
 REACH_TIMEOUT_S = 5  # an MLflow server that has not answered by then counts as unreachable
-MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # the pyfunc model, "models from code"
-# What the logged model needs to load and sample (pinned to this environment's versions):
-# MLflow would otherwise infer it by loading the model once more in a subprocess.
-MODEL_REQUIREMENTS = ("torch", "numpy", "pandas", "pillow", "pyyaml", "tqdm", "mlflow")
 _USERINFO = re.compile(r"(?<=://)[^/\s?#]*@")  # user:password@ (greedy: a password may hold @)
 _QUERY_VALUE = re.compile(r"([?&][^=&#\s]+=)[^&#\s]*")  # ?token=..., &password=...
 
@@ -179,6 +170,10 @@ class Tracker:
         """Continue run `run_id` (a resumed training) if it exists, else start one."""
         return Run()
 
+    def autoencoder_run(self, params: Params, run_id: str | None = None) -> Run:
+        """Continue run `run_id` (a resumed autoencoder training) if it exists, else start one."""
+        return Run()
+
     def evaluation_run(self, parent_id: str | None, params: dict[str, Any]) -> Run:
         """A run for one evaluation, nested under the training run when that run is known."""
         return Run()
@@ -250,6 +245,20 @@ class MlflowTracker(Tracker):
         result.log_params({**flatten(params), "tracking.uri": redact(params.tracking.uri)})
         return result
 
+    def autoencoder_run(self, params: Params, run_id: str | None = None) -> Run:
+        """Continue run `run_id` (a resumed autoencoder training) if it exists, else start one,
+        named `<experiment>-autoencoder`, with the autoencoder's params and the images'."""
+        if run_id and self._exists(run_id):
+            self.client.update_run(run_id, status="RUNNING")
+            return MlflowRun(self.client, run_id)
+        name = os.environ.get("DVC_EXP_NAME") or "train"
+        run = self.client.create_run(self.experiment_id, tags=run_tags(),
+                                     run_name=f"{name}-autoencoder")
+        result = MlflowRun(self.client, run.info.run_id)
+        result.log_params({k: v for k, v in flatten(params).items()
+                           if k.startswith(("autoencoder.", "preprocess."))})
+        return result
+
     def evaluation_run(self, parent_id: str | None, params: dict[str, Any]) -> Run:
         """A run for one evaluation, nested under the training run when that run is known."""
         tags = run_tags()
@@ -287,10 +296,6 @@ class Run(Logger):
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
-
-    def log_ema_model(self, path: Path, registered_name: str) -> str | None:
-        """Log the EMA weights file `path` as this run's model; the URI to load it by."""
-        return None
 
     def tag(self, key: str) -> str | None:
         return None
@@ -334,32 +339,6 @@ class MlflowRun(Run):
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.id, status)
-
-    def log_ema_model(self, path: Path, registered_name: str) -> str:
-        """Log the EMA weights file `path` (pipeline/model_file.py) as this run's MLflow model
-        `model`, and register it as a new version of `registered_name` ("": do not register).
-
-        Returns the URI to load it by: models:/NAME/VERSION, or models:/MODEL_ID unregistered.
-        MLflow runs the input example through the model, to record the output's shape, and
-        links the run's metrics at the model's training step to the model.
-        """
-        trained = load_ema_model(path, torch.device("cpu"))
-        example = pd.DataFrame([example_request(trained)])
-        requirements = [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
-        # Created here, so that the model lands in the run's experiment (Model.log would put it
-        # in the global, default one).
-        model = self.client.create_logged_model(
-            self.client.get_run(self.id).info.experiment_id, name="model", source_run_id=self.id)
-        with global_tracking_uri(self.client.tracking_uri), quiet_mlflow():
-            info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc,
-                             run_id=self.id, model_id=model.model_id, step=trained.step,
-                             python_model=str(MODEL_CODE), artifacts={"ema": str(path)},
-                             code_paths=[str(MODEL_CODE.parent)], input_example=example,
-                             pip_requirements=requirements,
-                             registered_model_name=registered_name or None)
-        if info.registered_model_version is None:
-            return info.model_uri
-        return f"models:/{registered_name}/{info.registered_model_version}"
 
     def tag(self, key: str) -> str | None:
         return self.client.get_run(self.id).data.tags.get(key)

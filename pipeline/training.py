@@ -27,6 +27,13 @@ with a checkpoint (`Interrupted`); a non-finite loss stops it before anything is
 of pipeline/tracking.py is one), so this module never touches MLflow; steps that the logger
 already holds, from a run killed after its last checkpoint, are not logged twice. The EMA
 weights are saved as pipeline/model_file.py's ema.safetensors.
+
+In latent space (`model.space: latent`; Rombach et al. 2022, sec. 3.2) the data are the training
+images' latents, which the autoencoder's stage encoded once (pipeline/autoencoder_training.py),
+and everything above runs on them unchanged. The autoencoder decodes the logged sample grids, and
+the model file carries it, so that every user of the file gets images; its file's SHA-256 is part
+of the run's identity, so a new autoencoder never resumes an old run. Nothing is clipped to the
+pixel range [-1, 1] in latent space: neither the grids' x0 estimates nor self-conditioning's.
 """
 
 from __future__ import annotations
@@ -37,31 +44,27 @@ import dataclasses
 import hashlib
 import itertools
 import math
-import os
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.autoencoder import TrainedAutoencoder
 from pipeline.batches import Batches, gather, to_device
 from pipeline.checkpoint import Checkpoints, random_states, restore_random_states
-from pipeline.config import Params, TrainParams, to_dict
+from pipeline.config import Params, TrainParams, to_dict, unet_input
 from pipeline.data import ImageSet, grid_image, to_uint8
 from pipeline.device import Step, choose_precision, default_device
 from pipeline.distributed import World
 from pipeline.edm import EDM
 from pipeline.ema import EMA
 from pipeline.io import atomic_path
-from pipeline.logger import Logger, Relay
+from pipeline.logger import Logger
+from pipeline.loop import Interrupted, NewStepsOnly, due, hash_images, stop_requests
 from pipeline.model_file import EMA_FILE, save_ema_model
 from pipeline.noise_scheduler import NoiseScheduler, build_scheduler, min_snr_weights, offset_noise
 from pipeline.sampler import drop_labels, model_fn, sample
@@ -72,16 +75,6 @@ RUN_SECTIONS = ("model", "diffusion", "train")
 # How a run draws its batches: part of its identity, so that no checkpoint of a run that drew
 # them otherwise (from the training generator, before pipeline/batches.py) is resumed.
 BATCH_ORDER = "batch_indices((train.seed, step))"
-HASH_CHUNK = 1 << 26  # bytes of images hashed at a time: a memory-mapped set is not read in whole
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped training; a checkpoint of the last finished step was written."""
-
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written, "
-                         "`dvc repro` resumes from it")
-        self.signum, self.step = signum, step
 
 
 class NonFiniteLoss(ValueError):
@@ -106,27 +99,32 @@ def learning_rate(step: int, p: TrainParams) -> float:
     return p.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def fingerprint(params: Params, data: ImageSet, processes: int = 1) -> str:
-    """Identity of a training run: its params sections, the exact training images, and the
-    number of data-parallel processes (a checkpoint holds the random state of each).
+def fingerprint(params: Params, data: ImageSet, processes: int = 1,
+                autoencoder: TrainedAutoencoder | None = None) -> str:
+    """Identity of a training run: its params sections, the exact training images (a latent
+    run's latents), the number of data-parallel processes (a checkpoint holds the random state
+    of each) and a latent run's autoencoder file (its SHA-256).
 
     Not model.gradient_checkpointing: it recomputes the same activations, so a run resumes with it
     switched either way (say, on a smaller GPU) and goes on bit for bit as before."""
     sections = to_dict(params)
     del sections["model"]["gradient_checkpointing"]
+    if sections["model"]["space"] == "pixel":  # the identity from before model.space: resumable
+        del sections["model"]["space"]
     identity = [sections[s] for s in RUN_SECTIONS] + [processes, BATCH_ORDER]
+    if autoencoder is not None:
+        identity.append(autoencoder.sha256)
     digest = hashlib.sha256(repr(identity).encode())
-    rows = max(1, HASH_CHUNK // max(1, math.prod(data.images.shape[1:])))
-    for start in range(0, len(data), rows):
-        digest.update(np.ascontiguousarray(data.images[start:start + rows].numpy()))
-    digest.update(data.labels.numpy().tobytes())
+    hash_images(digest, data.images, data.labels)
     return digest.hexdigest()
 
 
 def sample_grid(model: UNet, scheduler: NoiseScheduler | EDM, p: TrainParams, classes: int,
-                device: torch.device) -> Image.Image:
+                device: torch.device, autoencoder: TrainedAutoencoder | None = None
+                ) -> Image.Image:
     """A grid of p.grid_images samples with fixed noise (the same every call): DDIM, 0 eta, or
-    Heun for an EDM model (which DDIM cannot sample)."""
+    Heun for an EDM model (which DDIM cannot sample); a latent model's decoded by `autoencoder`,
+    its latents unclipped."""
     generator = torch.Generator(device).manual_seed(p.seed)
     labels = class_labels(model, p.grid_images, classes, generator, device)
     model.eval()
@@ -134,9 +132,12 @@ def sample_grid(model: UNet, scheduler: NoiseScheduler | EDM, p: TrainParams, cl
     x = sample(model_fn(model, labels), scheduler, (p.grid_images, model.in_channels,
                model.image_size, model.image_size), method=method,
                num_steps=p.grid_sampling_steps,
-               timestep_spacing="trailing", generator=generator, device=device,
-               self_condition=model.self_condition)
+               timestep_spacing="trailing", clip_sample=autoencoder is None,
+               generator=generator, device=device, self_condition=model.self_condition)
     model.train()
+    if autoencoder is not None:
+        with torch.inference_mode():
+            x = autoencoder.decode(x)
     return grid_image(to_uint8(x.cpu()))
 
 
@@ -150,8 +151,12 @@ def class_labels(model: UNet, n: int, classes: int, generator: torch.Generator,
 
 def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
           run_id: str | None = None, world: World | None = None,
-          checkpoints: Checkpoints | None = None) -> TrainState:
+          checkpoints: Checkpoints | None = None,
+          autoencoder: TrainedAutoencoder | None = None) -> TrainState:
     """Train on `data`, writing out_dir/ema.safetensors; return the final state.
+
+    In latent space `data` is the latent set of the images that `autoencoder` encoded (a
+    ValueError otherwise), and the model file carries `autoencoder`.
 
     Checkpoints go to `checkpoints` (default: this run's folder under out_dir/checkpoints; see
     pipeline/checkpoint.py), and training resumes from the newest checkpoint of the same params
@@ -162,9 +167,12 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
     this process's place among data-parallel ranks (pipeline/distributed.py); only rank 0 logs
     and writes files.
     """
+    check_space(params, data, autoencoder)
     p = params.train
     world = world or World(device=default_device())
     device = world.device
+    if autoencoder is not None:
+        autoencoder.model.to(device)  # it decodes the sample grids
     torch.manual_seed(p.seed)
     model = build_model(params).to(device)
     network = DistributedDataParallel(model) if world.size > 1 else model
@@ -176,11 +184,12 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     generator = torch.Generator(device).manual_seed(p.seed)
     checkpoints = checkpoints or Checkpoints(out_dir / "checkpoints",
-                                             fingerprint(params, data, world.size))
+                                             fingerprint(params, data, world.size, autoencoder))
     state = resume(checkpoints, model, ema, optimizer, generator, world.rank)
     logger = NewStepsOnly(logger)
+    clip = autoencoder is None  # self-conditioning's estimate: clipped to the pixel range only
     if not state.precision:  # a fresh run; a resumed one keeps its precision, for bit-exactness
-        state.precision = run_precision(model, scheduler, data, p, world, logger)
+        state.precision = run_precision(model, scheduler, data, p, world, logger, clip)
     bf16 = state.precision == "bf16"
     window = Window(state.window)
 
@@ -200,7 +209,7 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
             lr = set_learning_rate(optimizer, learning_rate(state.step, p))
             x0, batch_labels = next(batches)
             loss, grad_norm = train_step(network, scheduler, optimizer, x0, batch_labels,
-                                         generator, p, bf16, shard, p.batch_size)
+                                         generator, p, bf16, shard, p.batch_size, clip)
             loss, signum = world.agree(loss, stop.signum)
             check_finite(loss, grad_norm, state.step + 1, p, state.precision, checkpoints)
             ema.update(model)
@@ -210,7 +219,8 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
                 log_interval(state, window.flush(), lr, logger)
             if world.is_main and due(state.step, p.sample_every, p.steps):
                 with ema.swapped_in(model):
-                    image = sample_grid(model, scheduler, p, len(data.classes), device)
+                    image = sample_grid(model, scheduler, p, len(data.classes), device,
+                                        autoencoder)
                 logger.log_image(image, "sample_grid", state.step)
             if due(state.step, p.checkpoint_every, p.steps) or signum:
                 save()
@@ -218,15 +228,36 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
                 raise Interrupted(signum, state.step)
     if world.is_main:
         save_ema_model(out_dir / EMA_FILE, params, ema_weights(model, ema), data.classes, run_id,
-                       state.step)
+                       state.step, autoencoder)
     return state
+
+
+def check_space(params: Params, data: ImageSet, autoencoder: TrainedAutoencoder | None) -> None:
+    """A ValueError unless `data` can be what the UNet of `params` denoises: in pixel space the
+    images, without an autoencoder; in latent space float32 latents of `autoencoder`'s shape."""
+    if params.model.space == "pixel":
+        if autoencoder is not None:
+            raise ValueError("model.space = 'pixel' trains on the images, without an autoencoder")
+        return
+    if autoencoder is None:
+        raise ValueError("model.space = 'latent' needs the trained autoencoder (stage "
+                         "train_autoencoder) and its latents of the training images")
+    channels, side = unet_input(params)
+    shape = (channels, side, side)
+    if data.images.dtype != torch.float32 or tuple(data.images.shape[1:]) != shape or \
+            tuple(autoencoder.model.latent_shape) != shape:
+        raise ValueError(f"model.space = 'latent': the UNet denoises latents of shape {shape} "
+                         f"(autoencoder.latent_channels, image_size / autoencoder.factor), but the "
+                         f"training data are {data.images.dtype} {tuple(data.images.shape[1:])} "
+                         f"and the autoencoder's latents {autoencoder.model.latent_shape}; train on "
+                         "the latents of the autoencoder of these params")
 
 
 PRECISION_PARAM = "train.precision_resolved"  # the tracking param of TrainState.precision
 
 
 def run_precision(model: UNet, scheduler: NoiseScheduler, data: ImageSet, p: TrainParams,
-                  world: World, logger: Logger) -> str:
+                  world: World, logger: Logger, clip: bool = True) -> str:
     """The precision of a fresh run, recorded in the logger, the same on every rank.
 
     A run that the logger already holds (killed before its first checkpoint) keeps the
@@ -238,7 +269,7 @@ def run_precision(model: UNet, scheduler: NoiseScheduler, data: ImageSet, p: Tra
     if logged is None and world.is_main:
         chosen, note = choose_precision(
             p.precision, world.device,
-            lambda: probe_step(model, scheduler, data, p, world))
+            lambda: probe_step(model, scheduler, data, p, world, clip))
     chosen = world.from_main(chosen)
     if world.is_main:
         print(f"train: precision {p.precision} -> {chosen}{note}")
@@ -248,7 +279,7 @@ def run_precision(model: UNet, scheduler: NoiseScheduler, data: ImageSet, p: Tra
 
 
 def probe_step(model: UNet, scheduler: NoiseScheduler, data: ImageSet, p: TrainParams,
-               world: World) -> Step:
+               world: World, clip: bool = True) -> Step:
     """One training step for pipeline.device's probe: on a copy of the model, with its own
     optimiser and generator, so that the run's weights and draws are those of a run without it,
     on the batches of the run's first steps, loaded as the run loads them (without the thread:
@@ -262,7 +293,7 @@ def probe_step(model: UNet, scheduler: NoiseScheduler, data: ImageSet, p: TrainP
         rows = gather(data, next(steps), p, shard, model.num_classes > 0, world.device)
         x0, labels = to_device(rows, world.device)
         train_step(model, scheduler, optimizer, x0, labels, generator, p, bf16, shard,
-                   p.batch_size)
+                   p.batch_size, clip)
 
     return step
 
@@ -275,11 +306,6 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator, batch_size: int = 
     (0: x is the whole batch) whose part `shard` x is (see train_step)."""
     flip = torch.rand(batch_size or len(x), generator=generator, device=x.device)[shard] < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-def due(step: int, every: int, last: int) -> bool:
-    """Whether the periodic work done every `every` steps (and at the last step) is due now."""
-    return step % every == 0 or step == last
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float:
@@ -302,36 +328,6 @@ def ema_weights(model: UNet, ema: EMA) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-@dataclass
-class StopRequest:
-    signum: int = 0  # the first SIGINT/SIGTERM received, 0 if none
-
-
-@contextmanager
-def stop_requests() -> Iterator[StopRequest]:
-    """Within the block, SIGINT and SIGTERM ask the loop to stop after its current step (and
-    write a checkpoint) instead of killing it mid-step; a second signal stops at once."""
-    request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():  # handlers only work there
-        yield request
-        return
-
-    def handle(signum: int, frame: object) -> None:
-        if request.signum:
-            raise KeyboardInterrupt
-        request.signum = signum
-        # os.write, not print: print is not reentrant if the signal lands inside another print.
-        os.write(2, f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-                    "(send it again to stop at once)\n".encode())
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield request
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def check_finite(loss: float, grad_norm: float, step: int, p: TrainParams, precision: str,
                  checkpoints: Checkpoints) -> None:
     """Stop at the first non-finite loss or gradient: the weights are garbage from here on."""
@@ -349,32 +345,10 @@ def check_finite(loss: float, grad_norm: float, step: int, p: TrainParams, preci
                         f"{grad_norm}. Likely causes: {'; '.join(causes)}. Training stopped; {kept}")
 
 
-class NewStepsOnly(Relay):
-    """Passes on only what the logger does not hold yet: a run killed after its last checkpoint
-    already logged the steps that the resumed run computes again (bit for bit the same)."""
-
-    def __init__(self, logger: Logger) -> None:
-        super().__init__(logger)
-        self.logged: dict[str, int] = {}
-
-    def _new(self, key: str, step: int) -> bool:
-        if key not in self.logged:
-            self.logged[key] = self.logger.last_step(key) or 0
-        return step > self.logged[key]
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self._new("loss", step):
-            self.logger.log_metrics(metrics, step)
-
-    def log_image(self, image: Image.Image, key: str, step: int) -> None:
-        if self._new(key, step):
-            self.logger.log_image(image, key, step)
-
-
 def train_step(model: UNet, scheduler: NoiseScheduler | EDM, optimizer: torch.optim.Optimizer,
                x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
                p: TrainParams, bf16: bool = False, shard: slice = slice(None),
-               batch_size: int = 0) -> tuple[float, float]:
+               batch_size: int = 0, clip: bool = True) -> tuple[float, float]:
     """One optimiser step on L_simple (EDM's eq. 8 for an EDM `scheduler`); returns (loss,
     gradient norm before clipping).
 
@@ -382,7 +356,7 @@ def train_step(model: UNet, scheduler: NoiseScheduler | EDM, optimizer: torch.op
     horizontal flips (p.hflip), labels dropped to the null class with probability
     p.cond_drop_prob, Min-SNR-gamma loss weights, offset noise of strength p.offset_noise; the
     global gradient norm is clipped to p.grad_clip. A self-conditioned UNet also gets its own
-    estimate (see `self_condition_input`).
+    estimate (see `self_condition_input`), clipped to [-1, 1] if `clip` (pixel space).
     The random draws cover the whole batch of `batch_size` images (0: x0 is the whole batch), so
     every rank draws the same; x0 holds the batch's images at `shard` (this rank's, under
     DistributedDataParallel `model`, which averages the gradients of the ranks), `labels` all of
@@ -414,7 +388,7 @@ def train_step(model: UNet, scheduler: NoiseScheduler | EDM, optimizer: torch.op
         with gradient_sync(model, part is parts[-1]):
             part_loss = share * batch_loss(model, scheduler, x0[part], noise[part], t[part],
                                            None if labels is None else labels[part], estimate, p,
-                                           bf16)
+                                           bf16, clip)
             part_loss.backward()
         loss += part_loss.detach()
     max_norm = p.grad_clip if p.grad_clip > 0 else math.inf
@@ -442,12 +416,13 @@ def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractCont
 
 def batch_loss(model: UNet, scheduler: NoiseScheduler | EDM, x0: torch.Tensor, noise: torch.Tensor,
                t: torch.Tensor, labels: torch.Tensor | None, estimate: bool, p: TrainParams,
-               bf16: bool) -> torch.Tensor:
+               bf16: bool, clip: bool = True) -> torch.Tensor:
     """The mean loss over images x0 with their drawn noise, timesteps and labels (train_step)."""
     x_t = scheduler.add_noise(x0, noise, t)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
         if unwrap(model).self_condition:
-            x_self_cond = self_condition_input(unwrap(model), scheduler, x_t, t, labels, estimate)
+            x_self_cond = self_condition_input(unwrap(model), scheduler, x_t, t, labels, estimate,
+                                               clip)
             prediction = model(x_t, t, labels, x_self_cond=x_self_cond)
         else:
             prediction = model(x_t, t, labels)
@@ -460,8 +435,8 @@ def batch_loss(model: UNet, scheduler: NoiseScheduler | EDM, x0: torch.Tensor, n
 
 
 def self_condition_input(model: UNet, scheduler: NoiseScheduler, x_t: torch.Tensor,
-                         t: torch.Tensor, labels: torch.Tensor | None, estimate: bool
-                         ) -> torch.Tensor:
+                         t: torch.Tensor, labels: torch.Tensor | None, estimate: bool,
+                         clip: bool = True) -> torch.Tensor:
     """The second input of a self-conditioned UNet in training (Chen et al. 2022, Algorithm 1):
     zeros, or with `estimate` the model's own x0 prediction from a pass fed zeros.
 
@@ -469,14 +444,17 @@ def self_condition_input(model: UNet, scheduler: NoiseScheduler, x_t: torch.Tens
     pass only and needs none of DistributedDataParallel's gradient hooks: `model` is the bare
     UNet. The estimate is clipped to the data range [-1, 1], as the sampler clips the x0_hat it
     feeds back (sample.clip_sample, on by default): with epsilon prediction near t = T, x0_hat
-    amplifies the noise error by 1 / sqrt(abar_t), about 150 for the default schedule.
+    amplifies the noise error by 1 / sqrt(abar_t), about 150 for the default schedule. Latents
+    have no such range, and a latent model's sampler does not clip: with `clip` False neither
+    does this.
     """
     zeros = torch.zeros_like(x_t)
     if not estimate:
         return zeros
     with torch.no_grad():
         output = model(x_t, t, labels, x_self_cond=zeros)
-    return scheduler.predict_x0(output.float(), x_t, t).clamp(-1.0, 1.0)
+    x0 = scheduler.predict_x0(output.float(), x_t, t)
+    return x0.clamp(-1.0, 1.0) if clip else x0
 
 
 def unwrap(model: torch.nn.Module) -> UNet:

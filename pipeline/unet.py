@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import Params, feature_map_sizes, unet_problem
+from pipeline.config import Params, feature_map_sizes, unet_input, unet_problem
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -269,11 +269,13 @@ def _check_config(in_channels: int, image_size: int, base_channels: int,
 
 
 def build_model(params: Params) -> UNet:
-    """The UNet described by params.model, sized for params.preprocess's images."""
+    """The UNet described by params.model, sized for what it denoises: params.preprocess's
+    images, or in latent space the autoencoder's latents (config.unet_input)."""
     m = params.model
+    channels, side = unet_input(params)
     return UNet(
-        in_channels=params.preprocess.channels,
-        image_size=params.preprocess.image_size,
+        in_channels=channels,
+        image_size=side,
         base_channels=m.base_channels,
         channel_mult=tuple(m.channel_mult),
         num_res_blocks=m.num_res_blocks,

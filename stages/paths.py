@@ -16,6 +16,16 @@ REFERENCE_SET = Path("outputs/preprocess/reference")  # the held-out images eval
 CLASSIFIER = Path("outputs/classifier/model.pt")
 CLASSIFIER_METRICS = Path("outputs/classifier/metrics.json")
 
+# train_autoencoder: the folder holds autoencoder.safetensors (pipeline.autoencoder, written by
+# pipeline.autoencoder_training), the training images' latents and the grid of reconstructions,
+# or in pixel space only the marker that no autoencoder is needed.
+AUTOENCODER_DIR = Path("outputs/autoencoder/model")
+AUTOENCODER = AUTOENCODER_DIR / "autoencoder.safetensors"
+LATENTS = AUTOENCODER_DIR / "latents"  # the training images' latents: a latent-space model's data
+RECONSTRUCTIONS = AUTOENCODER_DIR / "reconstructions.png"
+NO_AUTOENCODER = AUTOENCODER_DIR / "not_needed.json"
+AUTOENCODER_METRICS = Path("outputs/autoencoder/metrics.json")
+
 # train: pipeline.training.train writes ema.safetensors (model_file.EMA_FILE) into the folder it
 # is given
 TRAIN_DIR = Path("outputs/train")
@@ -34,6 +44,7 @@ SAMPLE_LABELS = Path("outputs/sample/labels.json")
 # the main repository, where `dvc exp run` (workspace, --temp, queued) neither removes nor hides
 # them, so that each of them resumes an interrupted run as `dvc repro` does.
 CHECKPOINTS = project_root() / "checkpoints"
+AUTOENCODER_CHECKPOINTS = CHECKPOINTS / "autoencoder"  # a folder per autoencoder run in it
 
 # evaluate
 EVALUATE_METRICS = Path("outputs/evaluate/metrics.json")

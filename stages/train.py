@@ -1,9 +1,11 @@
 """DVC stage `train`: train the diffusion model, logging to MLflow; write the EMA weights.
 
 Outputs: outputs/train/ema.safetensors (EMA weights + what rebuilds the model), metrics.json and
-history.csv (DVC metrics and plots). Checkpoints go to checkpoints/<run> in the main repository,
-outside DVC's outputs (stages/paths.py): an interrupted run, also under `dvc exp run`, resumes
-from them in the same MLflow run. SIGINT/SIGTERM write a checkpoint, mark the MLflow run KILLED
+history.csv (DVC metrics and plots). With model.space latent it trains on the training images'
+latents, which the train_autoencoder stage wrote, and the model file carries that autoencoder.
+Checkpoints go to checkpoints/<run> in the main repository, outside DVC's outputs
+(stages/paths.py): an interrupted run, also under `dvc exp run`, resumes from them in the same
+MLflow run. SIGINT/SIGTERM write a checkpoint, mark the MLflow run KILLED
 and exit with 128 + the signal number; a diverged loss marks it FAILED.
 
 With `train.num_processes` > 1 the stage starts itself again under torchrun, as that many
@@ -12,22 +14,23 @@ process group that torchrun describes. Only rank 0 talks to MLflow and writes th
 """
 
 import os
-import sys
 
 from pipeline import distributed
+from pipeline.autoencoder import load_autoencoder
 from pipeline.checkpoint import Checkpoints
 from pipeline.config import Params, check_classes, check_data_size, load_params
 from pipeline.data import ImageSet
 from pipeline.io import save_json
+from pipeline.loop import marked_on_failure
+from pipeline.model_logging import log_ema_model
 from pipeline.plots import save_loss_curve
 from pipeline.progress import TrainProgress
 from pipeline.tracking import Run, TrainingCurves, connect
-from pipeline.training import (Interrupted, TrainState, fingerprint, save_history, summary,
-                               train)
+from pipeline.training import TrainState, fingerprint, save_history, summary, train
 from pipeline.unet import build_model, count_parameters
 from stages import run
-from stages.paths import (CHECKPOINTS, EMA_MODEL, HISTORY, LOSS_CURVE, TRAIN_DIR, TRAIN_METRICS,
-                          TRAIN_SET)
+from stages.paths import (AUTOENCODER, CHECKPOINTS, EMA_MODEL, HISTORY, LATENTS, LOSS_CURVE,
+                          TRAIN_DIR, TRAIN_METRICS, TRAIN_SET)
 
 MODEL_TAG = "ema_model_uri"  # set once the EMA model is logged (and registered)
 
@@ -45,10 +48,12 @@ def main() -> None:
 
 
 def train_and_record(params: Params, world: distributed.World) -> None:
-    data = ImageSet.load(TRAIN_SET)
+    latent = params.model.space == "latent"  # then the images' latents, and what decodes them
+    data = ImageSet.load(LATENTS if latent else TRAIN_SET)
+    autoencoder = load_autoencoder(AUTOENCODER, world.device) if latent else None
     check_data_size(params, len(data))
     check_classes(params, data.classes)
-    checkpoints = Checkpoints(CHECKPOINTS, fingerprint(params, data, world.size))
+    checkpoints = Checkpoints(CHECKPOINTS, fingerprint(params, data, world.size, autoencoder))
     if world.is_main:
         tracker = connect(params.tracking)  # an unreachable store fails here, before any work
         mlflow_run = tracker.training_run(params, checkpoints.run_id())
@@ -56,21 +61,11 @@ def train_and_record(params: Params, world: distributed.World) -> None:
         print(f"train: MLflow run {mlflow_run.id} in {tracker.uri}")
     else:
         mlflow_run = Run()  # records nothing: only rank 0 logs
-    try:
+    with marked_on_failure(mlflow_run, "train"):  # NonFiniteLoss keeps the last good checkpoint
         curves = TrainingCurves(mlflow_run)
         logger = TrainProgress(curves, params.train) if world.is_main else curves
         state = train(params, data, TRAIN_DIR, logger, run_id=mlflow_run.id, world=world,
-                      checkpoints=checkpoints)
-    except Interrupted as stop:
-        mlflow_run.finish("KILLED")
-        print(f"train: {stop}", file=sys.stderr)
-        sys.exit(128 + stop.signum)
-    except KeyboardInterrupt:
-        mlflow_run.finish("KILLED")
-        raise
-    except BaseException:
-        mlflow_run.finish("FAILED")  # e.g. NonFiniteLoss; the last good checkpoint is kept
-        raise
+                      checkpoints=checkpoints, autoencoder=autoencoder)
     if world.is_main:
         record(params, state, mlflow_run)
         checkpoints.complete()
@@ -85,7 +80,7 @@ def record(params: Params, state: TrainState, mlflow_run: Run) -> None:
         mlflow_run.log_metrics(metrics, state.step)
     model_uri = mlflow_run.tag(MODEL_TAG)
     if model_uri is None and mlflow_run.id is not None:  # once, also after a late kill
-        model_uri = mlflow_run.log_ema_model(EMA_MODEL, params.tracking.registered_model)
+        model_uri = log_ema_model(mlflow_run, EMA_MODEL, params.tracking.registered_model)
         mlflow_run.set_tags({MODEL_TAG: model_uri})
     mlflow_run.finish()
     if model_uri:

@@ -11,17 +11,18 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from pipeline import config, noise_scheduler, sampler
+from pipeline import autoencoder, config, noise_scheduler, sampler
 from pipeline.noise_scheduler import NoiseScheduler
 from stages import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
 # Files a module reads as code without importing them: the MLflow model is logged from its
-# source (pipeline.tracking.MODEL_CODE), so what it runs is part of what train produces.
-READS = {"pipeline/tracking.py": ["pipeline/mlflow_model.py"]}
+# source (pipeline.model_logging.MODEL_CODE), so what it runs is part of what train produces.
+READS = {"pipeline/model_logging.py": ["pipeline/mlflow_model.py"]}
 
 
 def module_file(name: str) -> str | None:
@@ -103,6 +104,22 @@ def test_a_sampler_or_metrics_change_does_not_retrain_nor_resample():
     assert "pipeline/training.py" not in sample  # nor the training loop
 
 
+def test_a_unet_or_sampler_change_does_not_retrain_the_autoencoder():
+    code = closure(stage_module_file(dvc_stages()["train_autoencoder"]))
+    assert not code & {"pipeline/unet.py", "pipeline/sampler.py", "pipeline/model_file.py",
+                       "pipeline/noise_scheduler.py", "pipeline/training.py"}
+
+
+def test_no_diffusion_param_retrains_the_autoencoder_nor_an_autoencoder_param_the_unet():
+    """train reads the autoencoder through its folder (its file and latents; in pixel space a
+    marker that no autoencoder param changes), never through params of its own."""
+    stages = dvc_stages()
+    assert [p for p in stages["train_autoencoder"]["params"]
+            if p.split(".")[0] in ("model", "diffusion", "train", "sample")] == ["model.space"]
+    assert "outputs/autoencoder/model" in stages["train"]["deps"]
+    assert not [p for p in stages["train"]["params"] if p.startswith("autoencoder")]
+
+
 def import_graph() -> dict[str, set[str]]:
     files = [p.relative_to(ROOT).as_posix() for package in PACKAGES
              for p in (ROOT / package).glob("*.py")]
@@ -161,12 +178,16 @@ ACCEPTS = {
                                                    (1, 1, 2, 2), method=v, num_steps=2),
     ("sample", "timestep_spacing"): lambda v: sampler.timesteps(10, 2, v),
     ("sample", "variance_type"): lambda v: noise_scheduler.posterior_coefficients(0.5, 0.9, v),
+    ("autoencoder", "reconstruction_loss"): lambda v: autoencoder.autoencoder_loss(
+        torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2),
+        autoencoder.DiagonalGaussian(torch.zeros(1, 2, 1, 1)), 0.0, v),
 }
 # Choices that only the config checks, read by the code as flags: train.precision and
 # sample.precision (pipeline.device.fixed_precision), preprocess.on_bad_image (pipeline.data.BadImages),
-# diffusion.formulation (pipeline.noise_scheduler.build_scheduler).
+# diffusion.formulation (pipeline.noise_scheduler.build_scheduler), model.space (stages
+# train_autoencoder and train).
 FLAGS = {("train", "precision"), ("sample", "precision"), ("preprocess", "on_bad_image"),
-         ("diffusion", "formulation")}
+         ("diffusion", "formulation"), ("model", "space")}
 
 
 def test_every_choice_of_the_config_is_taken_by_the_library_or_a_flag():
@@ -196,6 +217,13 @@ def declared_paths(stage: dict) -> set[str]:
 def test_the_stage_paths_are_the_outs_of_dvc_yaml():
     named = {str(value) for key, value in vars(paths).items() if key.isupper()}
     outs = set().union(*(declared_paths(stage) for stage in dvc_stages().values()))
-    # The train stage's folder, and the checkpoints, which are kept out of DVC's hands.
-    assert named - {str(paths.TRAIN_DIR), str(paths.CHECKPOINTS)} == outs
+    # The train stage's folder, the files in the autoencoder's folder (an out), and the
+    # checkpoints, which are kept out of DVC's hands.
+    inside = {str(p) for p in (paths.AUTOENCODER, paths.LATENTS, paths.RECONSTRUCTIONS,
+                               paths.NO_AUTOENCODER)}
+    kept_out = {str(paths.TRAIN_DIR), str(paths.CHECKPOINTS), str(paths.AUTOENCODER_CHECKPOINTS)}
+    assert named - kept_out - inside == outs
     assert paths.EMA_MODEL.parent == paths.TRAIN_DIR and paths.CHECKPOINTS.is_absolute()
+    assert {p.parent for p in map(Path, inside)} == {paths.AUTOENCODER_DIR}
+    assert paths.AUTOENCODER.name == autoencoder.AUTOENCODER_FILE
+    assert paths.LATENTS.name == autoencoder.LATENTS

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline import training
+from pipeline import loop, training
 from pipeline.batches import Batches, batch_indices
 from pipeline.checkpoint import Checkpoints
 from pipeline.config import TrainParams, from_dict, to_dict
@@ -150,7 +150,7 @@ def test_a_read_error_in_the_loader_is_raised_by_the_training_loop_and_stops_the
 def test_a_memory_mapped_set_has_the_identity_of_the_same_images_in_memory(tmp_path, monkeypatch):
     """The identity hashes the images in chunks (a few rows here), never the whole set at once,
     and that is the hash of all of them: a run resumes whichever way its images are held."""
-    monkeypatch.setattr(training, "HASH_CHUNK", 3 * 64)  # 3 images of 8x8 per chunk
+    monkeypatch.setattr(loop, "HASH_CHUNK", 3 * 64)  # 3 images of 8x8 per chunk
     data = tiny_data()
     identity = training.fingerprint(tiny_params(), data)
     assert training.fingerprint(tiny_params(), memory_mapped(data, tmp_path)) == identity

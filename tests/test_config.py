@@ -169,6 +169,17 @@ def test_dvc_yaml_params_exist():
     ({"train": {"micro_batch_size": 64, "num_processes": 2}},
      ["train.micro_batch_size = 64 must divide each process's batch, train.batch_size / "
       "train.num_processes = 64 / 2 = 32", "use one of 1, 2, 4, 8, 16, 32,"]),
+    # Latent space: the UNet is built for the 28 / 4 = 7 px latents of the default autoencoder.
+    ({"model": {"space": "latent"}},
+     ["the latent side (preprocess.image_size / autoencoder.factor)=7 is not divisible by "
+      "2**(levels-1)=4", "model.channel_mult=[1, 2, 4]"]),
+    ({"model": {"space": "latent"}, "autoencoder": {"factor": 8}},
+     ["autoencoder.channel_mult=[1, 2, 2] must have log2(autoencoder.factor) + 1 = 4 entries"]),
+    ({"model": {"space": "latent"}, "autoencoder": {"factor": 8, "channel_mult": [1, 2, 2, 2]}},
+     ["preprocess.image_size=28 is not divisible by autoencoder.factor=8"]),
+    ({"model": {"space": "latent", "channel_mult": [1], "attention_resolutions": [7]},
+      "autoencoder": {"norm_groups": 12}},
+     ["autoencoder.norm_groups=12 must divide autoencoder.base_channels=32"]),
 ])
 def test_impossible_combination_names_keys_values_and_fix(raw, expected):
     with pytest.raises(ParamsError) as err:
@@ -193,6 +204,9 @@ def test_impossible_combination_names_keys_values_and_fix(raw, expected):
     {"sample": {"num_images": 20}, "evaluate": {"kid_subset_size": 20}},
     {"train": {"micro_batch_size": 64}},  # the whole batch in one pass, as 0
     {"train": {"micro_batch_size": 1, "batch_size": 6, "num_processes": 3}},
+    {"model": {"space": "latent", "channel_mult": [1, 2], "attention_resolutions": []},
+     "autoencoder": {"factor": 2, "channel_mult": [1, 2]}},  # a UNet of 14 and 7 px latents
+    {"autoencoder": {"factor": 8}},  # ignored in pixel space: not checked there
 ])
 def test_possible_combinations_at_the_limits_load(raw):
     flat = flatten(from_dict(raw))
@@ -245,6 +259,14 @@ def test_batch_larger_than_the_training_set(images, cap, expected):
 
 def test_batch_as_large_as_the_training_set_is_fine():
     assert check_data_size(Params(), 64) is None
+
+
+def test_the_autoencoders_batch_is_checked_in_its_own_name():
+    params = from_dict({"autoencoder": {"batch_size": 32}})
+    assert check_data_size(params, 32, "autoencoder") is None
+    with pytest.raises(ParamsError, match=r"^autoencoder.batch_size = 32 is larger than the "
+                                          r"training set, 31 images; use a autoencoder.batch_size"):
+        check_data_size(params, 31, "autoencoder")
 
 
 @pytest.mark.parametrize("num_classes", [1, 3])

@@ -29,6 +29,7 @@ from pipeline.config import sample_params
 from pipeline.generate import main
 from pipeline.inference import generate
 from pipeline.model_file import EMA_FILE, load_ema_model
+from pipeline.model_logging import log_ema_model
 from pipeline.model_request import example_request, request_params
 from pipeline.io import save_torch
 from pipeline.logger import Logger
@@ -71,7 +72,7 @@ def store(tmp_path_factory):
         for name in ["", NAME, NAME]:
             runs.append(tracker.training_run(params))
             runs[-1].log_metrics({"final_loss": 0.25}, step=4)  # the last step's
-            uris.append(runs[-1].log_ema_model(root / "train" / EMA_FILE, name))
+            uris.append(log_ema_model(runs[-1], root / "train" / EMA_FILE, name))
             versions.append(sorted(int(v.version) for v in
                                    client.search_model_versions(f"name = '{NAME}'")))
         environment_after = os.environ.get("MLFLOW_TRACKING_URI")
@@ -118,7 +119,7 @@ def test_each_registration_is_a_new_version_of_the_runs_logged_model(store):
         assert [(m.key, m.value, m.run_id) for m in logged.metrics] == \
             [("final_loss", 0.25, run.id)]
     assert store.environment_after is None  # logging leaves no MLFLOW_TRACKING_URI behind
-    assert Run().log_ema_model(store.ema, NAME) is None  # tracking off: nothing logged
+    assert log_ema_model(Run(), store.ema, NAME) is None  # tracking off: nothing logged
 
 
 def test_cli_draws_the_same_grid_from_the_registry_and_the_local_file(store, tmp_path):

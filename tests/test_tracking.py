@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.config import Params, TrackingParams, flatten
-from pipeline.tracking import (PARENT_TAG, REACH_TIMEOUT_S, MlflowTracker, Tracker,
+from pipeline.loop import Interrupted, marked_on_failure
+from pipeline.tracking import (PARENT_TAG, REACH_TIMEOUT_S, MlflowTracker, Run, Tracker,
                                TrackingUnavailable, TrainingCurves, check_store, connect, redact,
                                tracking_uri)
 
@@ -320,3 +321,23 @@ def test_quiet_mlflow_puts_the_logger_and_the_environment_back():
             warnings.warn("a real problem")
     assert [str(w.message) for w in caught] == ["a real problem"]
     assert logger.level == before and "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+
+
+def test_a_stopped_or_failed_stage_marks_its_run_and_a_stop_exits_with_the_signal(capsys):
+    class Recorded(Run):
+        def __init__(self):
+            self.statuses = []
+
+        def finish(self, status="FINISHED"):
+            self.statuses.append(status)
+
+    run = Recorded()
+    with pytest.raises(SystemExit) as stopped, marked_on_failure(run, "train"):
+        raise Interrupted(signal.SIGTERM, 3)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "train: SIGTERM at step 3: checkpoint written" in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError), marked_on_failure(run, "train"):
+        raise ZeroDivisionError
+    with marked_on_failure(run, "train"):
+        pass  # a success leaves the run to the stage
+    assert run.statuses == ["KILLED", "FAILED"]
