@@ -26,7 +26,7 @@ from pipeline.tracking import PARENT_TAG
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["preprocess", "train_classifier", "train", "sample", "evaluate"]
+STAGES = ["preprocess", "train_classifier", "train_autoencoder", "train", "sample", "evaluate"]
 TINY = {
     "preprocess": {"max_train_images": 2000, "max_reference_images": 300},
     "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [14],
