@@ -2,6 +2,7 @@
 masked credentials, and concurrent writers on one SQLite store."""
 
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
