@@ -144,8 +144,8 @@ def test_impossible_configs_raise(change: dict, message: str) -> None:
 def test_build_model_reads_params() -> None:
     params = SimpleNamespace(
         model=SimpleNamespace(space="pixel", base_channels=8, channel_mult=[1, 2],
-                              num_res_blocks=2, attention_resolutions=[16], num_heads=2, dropout=0.1,
-                              norm_groups=4, num_classes=10, self_condition=False,
+                              num_res_blocks=2, attention_resolutions=[16], num_heads=2,
+                              dropout=0.1, norm_groups=4, num_classes=10, self_condition=False,
                               gradient_checkpointing=True),
         preprocess=SimpleNamespace(image_size=32, channels=3))
     model = build_model(params)
