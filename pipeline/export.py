@@ -23,9 +23,9 @@ from pathlib import Path
 
 from pipeline.config import SampleParams, TimestepSpacing, TrackingParams, VarianceType, choices
 from pipeline.diffusers_map import scheduler_config, unet_config, unet_state_dict, unexpressible
-from pipeline.generate import OneLineParser, open_model
+from pipeline.generate import OneLineParser, add_model_argument, open_model
 from pipeline.io import atomic_folder
-from pipeline.model_file import EMA_FILE, ModelFile, read_model_file
+from pipeline.model_file import ModelFile, read_model_file
 
 INSTALL = "diffusers is not installed; it is in the bench group: uv sync --group bench"
 
@@ -34,9 +34,7 @@ def parser() -> argparse.ArgumentParser:
     defaults = SampleParams()
     p = OneLineParser(prog="python -m pipeline.export",
                       description="Export a trained simple-diffusion model to a diffusers folder.")
-    p.add_argument("--model", required=True,
-                   help="models:/NAME/VERSION (or latest), runs:/RUN_ID/PATH, or a local "
-                        f"{EMA_FILE}")
+    add_model_argument(p)
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="the folder to write; it must not exist yet (or be empty)")
     # The DDPM sampler's sample.* params, which the model file does not hold: the scheduler's.

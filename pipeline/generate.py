@@ -48,13 +48,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog.rsplit('.', 1)[-1]}: error: {message} (see --help)\n")
 
 
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    """--model, the model that `open_model` opens (the generator's and the export's)."""
+    p.add_argument("--model", required=True,
+                   help="models:/NAME/VERSION (or latest), runs:/RUN_ID/PATH, or a local "
+                        f"{EMA_FILE}")
+
+
 def parser() -> argparse.ArgumentParser:
     defaults = SampleParams()
     p = OneLineParser(prog="python -m pipeline.generate",
                 description="Generate images with a trained simple-diffusion model.")
-    p.add_argument("--model", required=True,
-                   help="models:/NAME/VERSION (or latest), runs:/RUN_ID/PATH, or a local "
-                        f"{EMA_FILE}")
+    add_model_argument(p)
     p.add_argument("--num", type=int, metavar="N", default=64, help="number of images (64)")
     p.add_argument("--out", type=Path, required=True, metavar="PNG", help="grid of all images")
     p.add_argument("--out-dir", type=Path, metavar="DIR",
