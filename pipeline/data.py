@@ -70,13 +70,14 @@ class ImageSet:
             out.finish(self.labels.numpy(), self.classes)
 
     @classmethod
-    def load(cls, folder: str | Path) -> ImageSet:
+    def load(cls, folder: str | Path, written_by: str = "preprocess") -> ImageSet:
         """The set in `folder`, its images memory-mapped: pages are read when used, so a data
         set larger than memory trains, and copy-on-write (`mmap_mode="c"`), so that torch gets
-        a writable array whose writes never reach the file."""
+        a writable array whose writes never reach the file. `written_by`: the stage whose
+        output it is, for the error when it is missing."""
         folder = Path(folder)
         if not folder.exists():
-            raise DataError(f"{folder}: not found; run the preprocess stage first (`dvc repro`)")
+            raise DataError(f"{folder}: not found; run the {written_by} stage first (`dvc repro`)")
         images = np.load(folder / IMAGES, mmap_mode="c")
         labels = np.load(folder / LABELS)
         classes = json.loads((folder / CLASSES).read_text())

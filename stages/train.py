@@ -49,7 +49,7 @@ def main() -> None:
 
 def train_and_record(params: Params, world: distributed.World) -> None:
     latent = params.model.space == "latent"  # then the images' latents, and what decodes them
-    data = ImageSet.load(LATENTS if latent else TRAIN_SET)
+    data = ImageSet.load(LATENTS, "train_autoencoder") if latent else ImageSet.load(TRAIN_SET)
     autoencoder = load_autoencoder(AUTOENCODER, world.device) if latent else None
     check_data_size(params, len(data))
     check_classes(params, data.classes)

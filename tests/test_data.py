@@ -550,3 +550,5 @@ def test_a_loaded_set_is_memory_mapped_and_writable_without_touching_its_file(tm
     assert loaded.labels.dtype == torch.int64 and loaded.images.is_contiguous()
     with pytest.raises(DataError, match="not found; run the preprocess stage"):
         ImageSet.load(tmp_path / "missing")
+    with pytest.raises(DataError, match="not found; run the train_autoencoder stage"):
+        ImageSet.load(tmp_path / "missing", written_by="train_autoencoder")
