@@ -18,9 +18,14 @@ import yaml
 from dvc.utils.hydra import apply_overrides
 from PIL import Image
 
+from pipeline.autoencoder import AUTOENCODER_FILE, LATENTS, build_autoencoder, load_autoencoder
+from pipeline.autoencoder_training import fingerprint as autoencoder_fingerprint
+from pipeline.autoencoder_training import train_autoencoder
+from pipeline.checkpoint import Checkpoints
 from pipeline.config import Params, ParamsError, check_data_size, flatten, from_dict, load_params
-from pipeline.data import build_datasets
+from pipeline.data import ImageSet, build_datasets
 from pipeline.inference import generate
+from pipeline.logger import Logger
 from pipeline.model_file import EMA_FILE, load_ema_model
 from pipeline.training import train
 from pipeline.unet import SelfAttention, build_model, count_parameters
@@ -31,7 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Trainable parameters of each preset's UNet, as docs/presets.md reports them.
 PARAMETERS = {"mnist": 686_769, "cifar10": 35_482_627, "faces64": 18_534_017,
-              "faces128": 19_196_417, "faces256": 112_616_961}
+              "faces128": 19_196_417, "faces256": 112_616_961, "faces128_latent": 17_286_916,
+              "faces256_latent": 18_537_476, "faces512_latent": 74_053_636}
+# Trainable parameters of each latent preset's autoencoder, as docs/presets.md reports them.
+AUTOENCODER_PARAMETERS = {"faces128_latent": 10_755_145, "faces256_latent": 10_755_145,
+                          "faces512_latent": 3_883_049}
 DDPM_CIFAR10_PARAMETERS = 35_746_307  # the paper's "35.7M", counted in its released checkpoint
 
 
@@ -50,8 +59,10 @@ DATA_SETS = {"mnist": DataSet(("train", "test"), (28, 28), "L", ".png", 60_000, 
              "cifar10": DataSet(("train", "test"), (32, 32), "RGB", ".jpg", 50_000, True),
              "orl_faces": DataSet((), (92, 112), "L", ".pgm", 400, True)}
 
-# The slowest preset (a 113M-parameter UNet at 256x256): over 20 s on the 2-core CI machine.
-SLOW = {"faces256"}
+# The slowest presets: a 113M-parameter UNet at 256x256, over 20 s on the 2-core CI machine, and
+# the latent ones whose real autoencoder trains, encodes and decodes at 256 and 512 px (60 and
+# 90 s on a shared 2-core Xeon, beside other tests).
+SLOW = {"faces256", "faces256_latent", "faces512_latent"}
 
 
 def preset_cases(slow_marked: bool = False) -> list:
@@ -88,7 +99,8 @@ def test_preset_validates_and_suits_its_data_set(name):
     assert (p.train_split, p.test_split) == (data.splits or ("", ""))
     assert p.allow_upscale == (p.image_size > min(data.size))  # only where the images need it
     assert p.channels == (3 if data.mode == "RGB" else 1)
-    assert preset.params.train.hflip == data.mirrored
+    # Latent space trains on cached latents of the images as they are: no flips (config refuses).
+    assert preset.params.train.hflip == (data.mirrored and preset.params.model.space == "pixel")
     held_out = 0 if data.splits else max(1, round(p.holdout_fraction * data.images))
     check_data_size(preset.params, data.images - held_out)  # a batch the data set can fill
     assert preset.params.train.num_processes == 1
@@ -99,6 +111,20 @@ def test_preset_validates_and_suits_its_data_set(name):
 def test_preset_model_has_the_documented_size(name):
     model = build_model(find_preset(name).params)
     assert count_parameters(model) == pytest.approx(PARAMETERS[name], rel=0.01)
+
+
+@pytest.mark.parametrize("name", sorted(AUTOENCODER_PARAMETERS))
+def test_latent_preset_autoencoder_has_the_documented_size_and_4_latent_channels(name):
+    params = find_preset(name).params
+    assert params.model.space == "latent"
+    autoencoder = build_autoencoder(params)
+    assert count_parameters(autoencoder) == pytest.approx(AUTOENCODER_PARAMETERS[name], rel=0.01)
+    assert params.autoencoder.factor in (4, 8) and autoencoder.latent_shape[0] == 4
+
+
+def test_every_latent_preset_lists_its_autoencoder_size():
+    assert sorted(AUTOENCODER_PARAMETERS) == [n for n in preset_names()
+                                              if find_preset(n).params.model.space == "latent"]
 
 
 def test_cifar10_model_is_the_ddpm_paper_model_less_its_middle_attention():
@@ -140,7 +166,24 @@ def tiny_run(params: Params, data_dir: Path) -> Params:
     raw["train"].update(steps=2, batch_size=1, num_processes=1, log_every=1, checkpoint_every=2,
                         sample_every=2, grid_images=1, grid_sampling_steps=1)
     raw["sample"].update(num_images=2, num_steps=2, batch_size=1)  # 2: the least allowed
+    raw["autoencoder"].update(steps=2, batch_size=1, log_every=1, checkpoint_every=2,
+                              eval_images=1, grid_images=1)
     return from_dict(raw)
+
+
+def diffusion_data(params: Params, training: ImageSet, reference: ImageSet, root: Path):
+    """What the UNet trains on: the images, or in latent space the latents of the preset's real
+    autoencoder trained for 2 steps, and that autoencoder (None in pixel space)."""
+    if params.model.space == "pixel":
+        return training, None
+    checkpoints = Checkpoints(root / "ae-checkpoints", autoencoder_fingerprint(params, training))
+    train_autoencoder(params, training, reference, root / "autoencoder", Logger(), checkpoints,
+                      device=torch.device("cpu"))
+    autoencoder = load_autoencoder(root / "autoencoder" / AUTOENCODER_FILE)
+    latents = ImageSet.load(root / "autoencoder" / LATENTS)
+    side = params.preprocess.image_size // params.autoencoder.factor
+    assert latents.images.shape[1:] == (params.autoencoder.latent_channels, side, side)
+    return latents, autoencoder
 
 
 @pytest.mark.parametrize("name", preset_cases(slow_marked=True))
@@ -153,11 +196,13 @@ def test_preset_preprocesses_trains_and_samples_at_a_tiny_scale(name, tmp_path):
                                             tmp_path / "reference_set")
     assert training.images.shape[1:] == (channels, size, size) and len(reference) >= 1
 
+    data, autoencoder = diffusion_data(params, training, reference, tmp_path)
     logger = Recorder()
-    state = train(params, training, tmp_path / "train", logger, run_id="tiny")
+    state = train(params, data, tmp_path / "train", logger, run_id="tiny", autoencoder=autoencoder)
     assert state.step == 2 and [step for step, _ in logger.metrics] == [1, 2]
     # The UNet's last layer starts at zero, so the first steps predict ~0 and the loss is the
-    # mean square of unit Gaussian noise, ~1 (a broken forward or target would show here).
+    # mean square of unit Gaussian noise, ~1 (a broken forward or target would show here); in
+    # latent space too, and the grid is of decoded images at the preset's size.
     losses = [metrics["loss"] for _, metrics in logger.metrics]
     assert all(math.isfinite(loss) and abs(loss - 1) < 0.25 for loss in losses), losses
     assert logger.images == [("sample_grid", 2, (size + 4, size + 4))]  # 2 px frame
@@ -232,7 +277,8 @@ def test_an_unknown_preset_is_named_with_the_close_and_known_ones():
     with pytest.raises(ParamsError) as err:
         find_preset("cifar")
     assert str(err.value) == (f"unknown preset 'cifar'; did you mean cifar10? presets in "
-                              f"{ROOT / 'presets'}: cifar10, faces128, faces256, faces64, mnist")
+                              f"{ROOT / 'presets'}: cifar10, faces128, faces128_latent, faces256, "
+                              "faces256_latent, faces512_latent, faces64, mnist")
 
 
 def test_a_value_that_the_shell_would_split_is_refused():
