@@ -199,3 +199,15 @@ def domain_metrics(samples: torch.Tensor, predicted: torch.Tensor, train_images:
             "classifier_kid_std": generated["kid_std"], **floor,
             **class_metrics(predicted, reference_labels, classes)}
 
+
+def reconstruction_metrics(reconstructions: torch.Tensor, originals: torch.Tensor,
+                           reference_images: torch.Tensor, classifier_path: Path,
+                           kid_subset_size: int, batch_size: int, seed: int) -> dict[str, float]:
+    """Classifier-space FD/KID of an autoencoder's reconstructions (uint8) of the floor's images
+    `originals`, the best a latent model can reach, beside the floor of those images."""
+    settings = classifier_settings(classifier_path, kid_subset_size, batch_size, seed)
+    reconstructed = fid_kid(reconstructions, reference_images,
+                            desc="classifier FD/KID of the reconstructions", **settings)
+    return {"reconstruction_classifier_fd": reconstructed["fd"],
+            "reconstruction_classifier_kid": reconstructed["kid"],
+            **floor_metrics(originals, reference_images, **settings)}
