@@ -7,7 +7,8 @@
 - The same two statistics in the feature space of the project's own classifier
   (pipeline/classifier.py), registered as a torch-fidelity feature extractor. These need no
   download, and the "floor" (real training images in place of samples, at the same count)
-  shows what a perfect model would score.
+  shows what a perfect model would score. The autoencoder's stage scores its reconstructions of
+  the same images (`reconstruction_metrics`): the floor of a latent model.
 - The class histogram of the samples under that classifier: how evenly they cover the classes.
 
 Each FD/KID shows its progress (pipeline/progress.py) by the images its feature extractor has

@@ -10,9 +10,10 @@ needs it: the folder holds only not_needed.json, written at once, and the metric
 params are the autoencoder section, model.space, and what that floor shares with evaluate's
 (sample.num_images, evaluate.kid_subset_size, batch_size and seed). These are no part of the run's
 identity: a change to one re-runs the stage, which resumes its finished run from its last
-checkpoint, trains no step and scores again. So no change to the diffusion's params retrains it.
-Checkpoints go to checkpoints/autoencoder/<run> (stages/paths.py); SIGINT/SIGTERM write one, mark
-the MLflow run KILLED and exit with 128 + the signal number, as the train stage does.
+checkpoint (kept until another autoencoder run completes), trains no step and scores again. So no
+change to the diffusion's params retrains it. Checkpoints go to checkpoints/autoencoder/<run>
+(stages/paths.py); SIGINT/SIGTERM write one, mark the MLflow run KILLED and exit with 128 + the
+signal number, as the train stage does.
 """
 
 import shutil
