@@ -14,8 +14,10 @@ their standard deviation: `latent_scale`), and saved with the weights as autoenc
 the modes times the scale, the training images' latents, are saved beside it as a latent ImageSet
 (float32, memory-mapped when loaded, with the images' labels and classes): a latent-space model
 trains on them, streamed by pipeline/batches.py as images are, and encodes nothing itself.
-the reconstruction PSNR of up to autoencoder.eval_images held-out images, and a grid of held-out
+The reconstruction PSNR of up to autoencoder.eval_images held-out images, and a grid of held-out
 originals (odd rows) over their reconstructions (even rows), are logged to the `Logger`.
+`reconstruction_floor` then gives the classifier FD of reconstructions of evaluate's floor images:
+what a latent model's samples, decoded latents too, can reach at best.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pipeline.data import ImageSet, grid_image, to_model_range, to_uint8
 from pipeline.device import default_device
 from pipeline.logger import Logger
 from pipeline.loop import Interrupted, NewStepsOnly, due, hash_images, stop_requests
+from pipeline.metrics import floor_images, reconstruction_metrics
 
 # How a run draws its batches, part of its identity (see pipeline/training.py's BATCH_ORDER).
 BATCH_ORDER = "batch_indices((autoencoder.seed, step))"
@@ -59,6 +62,7 @@ class AutoencoderResult:
     latent_scale: float
     psnr: float  # mean over the held-out images, dB
     grid: Image.Image  # held-out originals over their reconstructions
+    model: Autoencoder  # the trained weights, in eval mode, on the training device
 
 
 def fingerprint(params: Params, data: ImageSet) -> str:
@@ -129,7 +133,21 @@ def train_autoencoder(params: Params, data: ImageSet, reference: ImageSet, out_d
     if (raw_logger.last_step("psnr") or 0) < state.step:  # once, also after a late kill
         raw_logger.log_metrics({"psnr": quality, "latent_scale": scale}, state.step)
         raw_logger.log_image(grid, "reconstructions", state.step)
-    return AutoencoderResult(state, scale, quality, grid)
+    return AutoencoderResult(state, scale, quality, grid, model)
+
+
+def reconstruction_floor(model: Autoencoder, params: Params, data: ImageSet, reference: ImageSet,
+                         classifier_path: Path) -> dict[str, float]:
+    """Classifier FD/KID against the held-out set of the reconstructions (uint8, as samples are
+    saved) of the evaluate stage's floor images, and of those images: the same sample.num_images
+    training images, picked by evaluate.seed, with evaluate's settings, so that the numbers sit
+    beside evaluate's floor_classifier_fd and classifier_fd (pipeline/metrics.py)."""
+    e = params.evaluate
+    originals = floor_images(data.images, params.sample.num_images, e.seed)
+    device = next(model.parameters()).device
+    reconstructions = to_uint8(reconstruct(model, originals, device))
+    return reconstruction_metrics(reconstructions, originals, reference.images, classifier_path,
+                                  e.kid_subset_size, e.batch_size, e.seed)
 
 
 def train_step(model: Autoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,

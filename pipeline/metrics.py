@@ -7,7 +7,8 @@
 - The same two statistics in the feature space of the project's own classifier
   (pipeline/classifier.py), registered as a torch-fidelity feature extractor. These need no
   download, and the "floor" (real training images in place of samples, at the same count)
-  shows what a perfect model would score.
+  shows what a perfect model would score. The autoencoder's stage scores its reconstructions of
+  the same images (`reconstruction_metrics`): the floor of a latent model.
 - The class histogram of the samples under that classifier: how evenly they cover the classes.
 
 Each FD/KID shows its progress (pipeline/progress.py) by the images its feature extractor has
@@ -163,19 +164,51 @@ def conditional_accuracy(predicted: torch.Tensor, requested: torch.Tensor, sampl
     return (predicted == to_reference[requested]).double().mean().item()
 
 
+def floor_images(train_images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """The floor's real images: `count` training images (all, if there are fewer) drawn at random
+    by `seed`. evaluate's floor and the autoencoder's reconstruction floor take the same ones."""
+    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))
+    return train_images[pick[:count]]
+
+
+def classifier_settings(classifier_path: Path, kid_subset_size: int, batch_size: int, seed: int
+                        ) -> dict:
+    """fid_kid's arguments for the classifier's feature space."""
+    return dict(extractor=CLASSIFIER_EXTRACTOR, weights=str(classifier_path),
+                kid_subset_size=kid_subset_size, batch_size=batch_size, seed=seed)
+
+
+def floor_metrics(images: torch.Tensor, reference_images: torch.Tensor, **settings
+                  ) -> dict[str, float]:
+    """Classifier-space FD/KID of real training images (floor_images): a perfect model's."""
+    floor = fid_kid(images, reference_images, desc="classifier FD/KID floor", **settings)
+    return {"floor_classifier_fd": floor["fd"], "floor_classifier_kid": floor["kid"]}
+
+
 def domain_metrics(samples: torch.Tensor, predicted: torch.Tensor, train_images: torch.Tensor,
                    reference_images: torch.Tensor, reference_labels: torch.Tensor,
                    classes: tuple[str, ...], classifier_path: Path, kid_subset_size: int,
                    batch_size: int, seed: int) -> dict[str, float]:
-    """Classifier-space FD/KID of the samples and of the floor, plus the class histogram of
-    `predicted`, the classifier's classes of the samples (pipeline.classifier.predict)."""
-    kwargs = dict(extractor=CLASSIFIER_EXTRACTOR, weights=str(classifier_path),
-                  kid_subset_size=kid_subset_size, batch_size=batch_size, seed=seed)
-    generated = fid_kid(samples, reference_images, desc="classifier FD/KID", **kwargs)
-    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))
-    floor = fid_kid(train_images[pick[:len(samples)]], reference_images,
-                    desc="classifier FD/KID floor", **kwargs)
+    """Classifier-space FD/KID of the samples and of the floor (as many training images as
+    samples), plus the class histogram of `predicted`, the classifier's classes of the samples
+    (pipeline.classifier.predict)."""
+    settings = classifier_settings(classifier_path, kid_subset_size, batch_size, seed)
+    generated = fid_kid(samples, reference_images, desc="classifier FD/KID", **settings)
+    floor = floor_metrics(floor_images(train_images, len(samples), seed), reference_images,
+                          **settings)
     return {"classifier_fd": generated["fd"], "classifier_kid": generated["kid"],
-            "classifier_kid_std": generated["kid_std"],
-            "floor_classifier_fd": floor["fd"], "floor_classifier_kid": floor["kid"],
+            "classifier_kid_std": generated["kid_std"], **floor,
             **class_metrics(predicted, reference_labels, classes)}
+
+
+def reconstruction_metrics(reconstructions: torch.Tensor, originals: torch.Tensor,
+                           reference_images: torch.Tensor, classifier_path: Path,
+                           kid_subset_size: int, batch_size: int, seed: int) -> dict[str, float]:
+    """Classifier-space FD/KID of an autoencoder's reconstructions (uint8) of the floor's images
+    `originals`, the best a latent model can reach, beside the floor of those images."""
+    settings = classifier_settings(classifier_path, kid_subset_size, batch_size, seed)
+    reconstructed = fid_kid(reconstructions, reference_images,
+                            desc="classifier FD/KID of the reconstructions", **settings)
+    return {"reconstruction_classifier_fd": reconstructed["fd"],
+            "reconstruction_classifier_kid": reconstructed["kid"],
+            **floor_metrics(originals, reference_images, **settings)}

@@ -3,17 +3,24 @@
 With model.space latent it trains pipeline/autoencoder.py's model on the preprocessed images
 (pipeline/autoencoder_training.py) and writes outputs/autoencoder/model/ (autoencoder.safetensors,
 with the latent scale; reconstructions.png) and outputs/autoencoder/metrics.json (held-out PSNR,
-latent scale). With model.space pixel nothing needs it: the folder holds only not_needed.json,
-written at once, and the metrics are empty. Its params are the autoencoder section and
-model.space, so no change to the diffusion's params retrains it. Checkpoints go to
-checkpoints/autoencoder/<run> (stages/paths.py); SIGINT/SIGTERM write one, mark the MLflow run
-KILLED and exit with 128 + the signal number, as the train stage does.
+latent scale, and the floor of a latent model: reconstruction_classifier_fd/_kid, the classifier
+FD/KID against the held-out set of its reconstructions of evaluate's floor images, beside
+floor_classifier_fd/_kid of those images; also in the MLflow run). With model.space pixel nothing
+needs it: the folder holds only not_needed.json, written at once, and the metrics are empty. Its
+params are the autoencoder section, model.space, and what that floor shares with evaluate's
+(sample.num_images, evaluate.kid_subset_size, batch_size and seed). These are no part of the run's
+identity: a change to one re-runs the stage, which resumes its finished run from its last
+checkpoint (kept until another autoencoder run completes), trains no step and scores again. So no
+change to the diffusion's params retrains it. Checkpoints go to checkpoints/autoencoder/<run>
+(stages/paths.py); SIGINT/SIGTERM write one, mark the MLflow run KILLED and exit with 128 + the
+signal number, as the train stage does.
 """
 
 import shutil
 
-from pipeline.autoencoder_training import fingerprint, train_autoencoder
+from pipeline.autoencoder_training import fingerprint, reconstruction_floor, train_autoencoder
 from pipeline.checkpoint import Checkpoints
+from pipeline.classifier import load_classifier
 from pipeline.config import Params, check_data_size, load_params
 from pipeline.data import ImageSet
 from pipeline.io import atomic_folder, save_image, save_json
@@ -21,7 +28,7 @@ from pipeline.loop import marked_on_failure
 from pipeline.tracking import connect
 from stages import run
 from stages.paths import (AUTOENCODER_CHECKPOINTS, AUTOENCODER_DIR, AUTOENCODER_METRICS,
-                          NO_AUTOENCODER, RECONSTRUCTIONS, REFERENCE_SET, TRAIN_SET)
+                          CLASSIFIER, NO_AUTOENCODER, RECONSTRUCTIONS, REFERENCE_SET, TRAIN_SET)
 
 
 def main() -> None:
@@ -40,6 +47,7 @@ def main() -> None:
 def train_and_record(params: Params) -> None:
     data, reference = ImageSet.load(TRAIN_SET), ImageSet.load(REFERENCE_SET)
     check_data_size(params, len(data), "autoencoder")
+    load_classifier(CLASSIFIER)  # a missing or broken classifier fails here, before the training
     checkpoints = Checkpoints(AUTOENCODER_CHECKPOINTS, fingerprint(params, data))
     tracker = connect(params.tracking)  # an unreachable store fails here, before any work
     mlflow_run = tracker.autoencoder_run(params, checkpoints.run_id())
@@ -50,12 +58,17 @@ def train_and_record(params: Params) -> None:
         result = train_autoencoder(params, data, reference, folder, mlflow_run, checkpoints,
                                    run_id=mlflow_run.id)
         save_image(result.grid, folder / RECONSTRUCTIONS.name)
+        floor = reconstruction_floor(result.model, params, data, reference, CLASSIFIER)
+        # Each time: a re-run for a changed sample.num_images or evaluate key logs its new value.
+        mlflow_run.log_metrics(floor, result.state.step)
     save_json({"psnr": result.psnr, "latent_scale": result.latent_scale,
-               "steps": result.state.step}, AUTOENCODER_METRICS)
+               "steps": result.state.step, **floor}, AUTOENCODER_METRICS)
     mlflow_run.finish()
     checkpoints.complete()
     print(f"train_autoencoder: {result.state.step} steps, held-out PSNR {result.psnr:.2f} dB, "
-          f"latent scale {result.latent_scale:.4g}")
+          f"latent scale {result.latent_scale:.4g}, classifier FD of the reconstructions "
+          f"{floor['reconstruction_classifier_fd']:.4g} (of the training images "
+          f"{floor['floor_classifier_fd']:.4g})")
 
 
 if __name__ == "__main__":

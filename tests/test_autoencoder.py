@@ -5,14 +5,17 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torch.distributions import Normal, kl_divergence
 
+from pipeline import metrics
 from pipeline.autoencoder import (AUTOENCODER_FILE, LOGVAR_RANGE, Autoencoder, DiagonalGaussian,
                                   autoencoder_loss, latent_scale, load_autoencoder, psnr)
-from pipeline.autoencoder_training import fingerprint, train_autoencoder
+from pipeline.autoencoder_training import fingerprint, reconstruction_floor, train_autoencoder
 from pipeline.checkpoint import Checkpoints
+from pipeline.classifier import Classifier, save_classifier
 from pipeline.config import from_dict
-from pipeline.data import ImageSet, to_model_range
+from pipeline.data import ImageSet, to_model_range, to_uint8
 from pipeline.io import load_safetensors
 from pipeline.logger import Logger
 
@@ -190,6 +193,86 @@ def test_interrupted_autoencoder_training_resumes_bit_exactly(tmp_path):
     a, b = (load_safetensors(tmp_path / f / AUTOENCODER_FILE)[0] for f in ("clean", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.latent_scale == clean.latent_scale
+
+
+def test_the_floors_params_are_no_part_of_the_run_so_a_rerun_trains_no_step(tmp_path):
+    """A change to sample.num_images or an evaluate key re-runs the stage (dvc.yaml): it resumes
+    the finished run at its last step and trains nothing, to the same weights."""
+    data, _ = tiny_sets()
+    scored_otherwise = {**TINY, "sample": {"num_images": 7},
+                        "evaluate": {"kid_subset_size": 3, "batch_size": 5, "seed": 9}}
+    assert (fingerprint(from_dict(scored_otherwise, check_combinations=False), data)
+            == fingerprint(from_dict(TINY, check_combinations=False), data))
+    first = run(tmp_path)
+    logger = Recorder()
+    again = run(tmp_path, logger)
+    assert [s for s, m in logger.metrics] == [4] and "loss" not in logger.metrics[0][1]
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
+                                                  again.model.state_dict().values()))
+
+
+class Identity(nn.Module):
+    """A perfect autoencoder: the posterior's mode is the image itself, decoded as it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))  # where the model is, as a real one says
+
+    def encode(self, x):
+        return DiagonalGaussian(torch.cat([x, torch.zeros_like(x)], dim=1))
+
+    def decode(self, z):
+        return z
+
+
+@pytest.fixture(scope="module")
+def floor_setup(tmp_path_factory):
+    """Sets to score on (more images than tiny_sets, for a covariance of the features), an
+    untrained classifier's features, evaluate's settings with a seed other than the run's."""
+    torch.manual_seed(0)
+    classifier = tmp_path_factory.mktemp("classifier") / "model.pt"
+    save_classifier(Classifier(channels=1, num_classes=2, feature_dim=8), classifier)
+    images = torch.randint(0, 256, (140, 1, 8, 8), generator=torch.Generator().manual_seed(1),
+                           dtype=torch.uint8)
+    train = ImageSet(images[:80], torch.arange(80) % 2, ("a", "b"))
+    reference = ImageSet(images[80:], torch.arange(60) % 2, ("a", "b"))
+    params = from_dict({**TINY, "sample": {"num_images": 40},
+                        "evaluate": {"kid_subset_size": 20, "batch_size": 32, "seed": 3}},
+                       check_combinations=False)
+    return classifier, train, reference, params
+
+
+def test_the_reconstruction_floor_scores_evaluates_floor_images_through_the_autoencoder(
+        tmp_path, floor_setup):
+    classifier, train, reference, params = floor_setup
+    model = run(tmp_path).model
+    got = reconstruction_floor(model, params, train, reference, classifier)
+    # Made here, not by the library: evaluate.seed's 40 training images, encoded to their
+    # posterior modes, decoded, clipped and rounded to uint8 as samples are.
+    pick = torch.randperm(80, generator=torch.Generator().manual_seed(3))[:40]
+    with torch.no_grad():
+        decoded = model.decode(model.encode(to_model_range(train.images[pick])).mode())
+    settings = dict(extractor=metrics.CLASSIFIER_EXTRACTOR, weights=str(classifier),
+                    kid_subset_size=20, batch_size=32, seed=3)
+    expected = metrics.fid_kid(to_uint8(decoded.clamp(-1, 1)), reference.images, **settings)
+    assert got["reconstruction_classifier_fd"] == pytest.approx(expected["fd"], rel=1e-9)
+    assert got["reconstruction_classifier_kid"] == pytest.approx(expected["kid"], rel=1e-9)
+    # The floor beside it is evaluate's, for as many samples as sample.num_images.
+    samples = reference.images[:40]
+    evaluated = metrics.domain_metrics(samples, torch.zeros(40).long(), train.images,
+                                       reference.images, reference.labels, reference.classes,
+                                       classifier, kid_subset_size=20, batch_size=32, seed=3)
+    assert got["floor_classifier_fd"] == evaluated["floor_classifier_fd"]
+    assert got["floor_classifier_kid"] == evaluated["floor_classifier_kid"]
+    assert got["reconstruction_classifier_fd"] != got["floor_classifier_fd"]
+
+
+def test_perfect_reconstructions_score_the_floor_exactly(floor_setup):
+    classifier, train, reference, params = floor_setup
+    got = reconstruction_floor(Identity(), params, train, reference, classifier)
+    assert got["reconstruction_classifier_fd"] == got["floor_classifier_fd"]
+    assert got["reconstruction_classifier_kid"] == got["floor_classifier_kid"]
+    assert got["floor_classifier_fd"] > 0  # 40 of 80 noise images against 60 others
 
 
 def test_the_stage_in_pixel_space_writes_only_the_marker_at_once(tmp_path, monkeypatch):

@@ -46,6 +46,8 @@ LATENT = {"model.space": "latent", "autoencoder.factor": 2, "autoencoder.channel
           "autoencoder.batch_size": 16, "autoencoder.log_every": 5,
           "autoencoder.checkpoint_every": 10, "autoencoder.eval_images": 50,
           "autoencoder.grid_images": 4}
+FLOOR = ["reconstruction_classifier_fd", "reconstruction_classifier_kid", "floor_classifier_fd",
+         "floor_classifier_kid"]
 
 
 def sh(project: Path, *command: str, timeout: float = 900) -> str:
@@ -244,6 +246,11 @@ def test_latent_experiment_trains_its_autoencoder_once_and_samples_decoded_image
     assert metrics["steps"] == 20 and math.isfinite(metrics["psnr"]) and metrics["latent_scale"] > 0
     assert autoencoder_run.data.metrics["psnr"] == pytest.approx(metrics["psnr"])
     assert autoencoder_run.data.metrics["latent_scale"] == pytest.approx(metrics["latent_scale"])
+    for key in FLOOR:  # the latent model's floor, in its metrics, its run and its final line
+        assert math.isfinite(metrics[key]), key
+        assert autoencoder_run.data.metrics[key] == pytest.approx(metrics[key], rel=1e-12), key
+    assert (f"classifier FD of the reconstructions {metrics['reconstruction_classifier_fd']:.4g} "
+            f"(of the training images {metrics['floor_classifier_fd']:.4g})") in output
     images = [a.path for a in client.list_artifacts(ae_id, "images")]
     assert any(p.startswith("images/reconstructions+step+20+") for p in images), images
     assert latent_run.data.params["model.space"] == "latent"
@@ -265,6 +272,9 @@ def test_latent_experiment_trains_its_autoencoder_once_and_samples_decoded_image
     evaluation = json.loads((project / "outputs/evaluate/metrics.json").read_text())
     for key in ["classifier_fd", "classifier_kid", "class_coverage", "class_tv_distance"]:
         assert math.isfinite(evaluation[key]), key
+    # The same images, count and settings: evaluate's floor is the one beside the reconstructions'.
+    for key in ["floor_classifier_fd", "floor_classifier_kid"]:
+        assert evaluation[key] == pytest.approx(metrics[key], rel=1e-12), key
 
     # The workspace holds the latent params now. A diffusion param's change on top of them: DVC
     # finds only the train stage's own deps changed, not the autoencoder's (a real run of it
