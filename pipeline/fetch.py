@@ -5,13 +5,13 @@ Where the archive comes from, in this order:
    (a folder holding e.g. `mnist_png.tar.gz`; CI names `../shared/datasets`);
 2. the project's default DVC remote, if one is configured (`dvc pull data.dvc`);
 3. the public source on the internet (for MNIST, the GitHub repository rasbt/mnist-pngs).
-The archive is unpacked into a temporary folder and packed again as one zip, `data/images.zip`
-(`pack`: stored members in sorted order with fixed timestamps, so the same bytes on every run),
+The archive's files are read into memory and written again as one zip, `data/images.zip`
+(`repack`: stored members in sorted order with fixed timestamps, so the same bytes on every run),
 which is moved into place whole, then put into the DVC cache with `dvc commit`. The preprocess
 stage reads the zip in place; one file instead of 70,000 is what makes a no-op `dvc status` or
 `dvc repro` fast (DVC checks every file of data/ twice, once for data.dvc and once for the
 stage's dependency); a result whose hash differs from data.dvc is refused and data.dvc
-is left as it was. The other mirrored sets (CIFAR-10, ORL faces) are unpacked the same way and
+is left as it was. The other mirrored sets (CIFAR-10, ORL faces) are repacked the same way and
 pinned with `dvc add data`, which makes them the project's data. Asked for MNIST while data.dvc
 pins another set, get_data puts MNIST back and re-pins it, as this repository ships data.dvc
 (`_switch_back`).
@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 from tqdm import tqdm
@@ -104,13 +104,13 @@ def _get_data(name: str, mirror: str | None, force: bool) -> str:
                             "`dvc checkout data.dvc`, or run again with --force to replace it")
         shutil.rmtree("data")
     if name != DEFAULT:
-        _unpack_into(SOURCES[name], mirror)
+        _repack_into(SOURCES[name], mirror)
         repo.add("data")
         return f"data/ now holds {name}; data.dvc re-pinned (commit it to keep this data version)"
     if mirror is None and repo.config["core"].get("remote"):
         repo.pull(targets=["data.dvc"])
         return "data/ pulled from the default DVC remote"
-    _unpack_into(SOURCES[name], mirror)
+    _repack_into(SOURCES[name], mirror)
     commit_pinned(repo, Path("data.dvc"))
     return "data/ unpacked, verified against data.dvc and cached"
 
@@ -139,7 +139,7 @@ def _switch_back(repo, state: dict, mirror: str | None, force: bool) -> str:
                         "record of that pin; commit data.dvc first (`git add data.dvc && git "
                         "commit`), then run again, or run again with --force")
     pinned = dvc_file.read_text()
-    _unpack_into(SOURCES[DEFAULT], mirror)  # data/ is replaced only once the archive is unpacked
+    _repack_into(SOURCES[DEFAULT], mirror)  # data/ is replaced only once the archive is repacked
     repo.add("data")
     expected, actual = SOURCES[DEFAULT].md5, pinned_md5(dvc_file)
     if actual != expected:
@@ -165,15 +165,14 @@ def _committed(path: Path) -> bool:
     return git("ls-files", "--error-unmatch") and git("diff", "--quiet", "HEAD")
 
 
-def _unpack_into(source: Source, mirror: str | None) -> None:
-    """Unpack into a temporary folder, pack that as data/images.zip and move it into place whole,
-    never half-written. An existing data/ is removed only then, so a missing archive leaves it
-    as it was."""
+def _repack_into(source: Source, mirror: str | None) -> None:
+    """Repack the archive as data/images.zip in a temporary folder and move that into place
+    whole, never half-written. An existing data/ is removed only then, so a missing archive
+    leaves it as it was."""
     with tempfile.TemporaryDirectory(dir=".", prefix=".data-") as tmp:
         archive = _archive(source, mirror, Path(tmp))
-        unpack(archive, source.keep, Path(tmp) / "files")
         (Path(tmp) / "data").mkdir()
-        pack(Path(tmp) / "files", Path(tmp) / ARCHIVE)
+        repack(archive, source.keep, Path(tmp) / ARCHIVE)
         if Path("data").exists():
             shutil.rmtree("data")
         os.replace(Path(tmp) / "data", "data")
@@ -227,34 +226,40 @@ def download(url: str, path: Path, timeout: float = 60.0) -> Path:
     return path
 
 
-def unpack(archive: Path, keep: tuple[str, ...], dest: Path) -> None:
-    """Extract the members under the top-level names `keep` into `dest`.
+def repack(archive: Path, keep: tuple[str, ...], path: Path) -> None:
+    """The files of the tar `archive` under the top-level names `keep` as the zip `path`
+    (`write_zip`), read from the archive into memory rather than extracted: writing 70,000 small
+    files to disk and reading them back took most of get_data's time. The sets of SOURCES are
+    at most 20 MB.
 
     Mirror archives start at the data set's root (`./train/...`); GitHub archives add one
     leading folder (`mnist-pngs-main/train/...`), which is dropped.
     """
+    files = {}
     with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
         prefix = _leading_folder(members, keep)
         for member in members:
             relative = Path(member.name.removeprefix("./")).relative_to(prefix)
-            if relative.parts and relative.parts[0] in keep:
-                member.name = str(relative)
-                tar.extract(member, dest, filter="data")
-    missing = [name for name in keep if not (dest / name).exists()]
+            if member.isfile() and relative.parts and relative.parts[0] in keep:
+                if ".." in relative.parts:
+                    raise DataError(f"{archive}: member {member.name} points outside the data set")
+                files[relative.as_posix()] = tar.extractfile(member).read()
+    missing = [name for name in keep if not any(Path(f).parts[0] == name for f in files)]
     if missing:
         raise DataError(f"{archive}: does not contain {', '.join(missing)}")
+    write_zip(files, path)
 
 
-def pack(folder: Path, path: Path) -> None:
-    """The files under `folder` as a zip at `path`, the same bytes whenever the files are the
-    same: members in sorted order, stored (images are compressed already, and a stored member
-    reads without inflating), with fixed timestamps and permissions."""
+def write_zip(files: dict[str, bytes], path: Path) -> None:
+    """`files` (relative path: content) as a zip at `path`, the same bytes whenever the files
+    are the same: members in sorted path order, stored (images are compressed already, and a
+    stored member reads without inflating), with fixed timestamps and permissions."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-            info = zipfile.ZipInfo(file.relative_to(folder).as_posix(), PACKED_TIME)
+        for name in sorted(files, key=PurePosixPath):
+            info = zipfile.ZipInfo(name, PACKED_TIME)
             info.external_attr = 0o644 << 16
-            z.writestr(info, file.read_bytes())
+            z.writestr(info, files[name])
 
 
 def _leading_folder(members: list[tarfile.TarInfo], keep: tuple[str, ...]) -> Path:

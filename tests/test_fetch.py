@@ -6,7 +6,6 @@ import http.server
 import io
 import subprocess
 import tarfile
-import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 
 from pipeline import fetch
 from pipeline.data import DataError
-from pipeline.fetch import MIRROR_ENV, Source, get_data, pack, unpack
+from pipeline.fetch import MIRROR_ENV, Source, get_data, repack, write_zip
 
 FILES = {"train/0/1.png": b"zero", "train/1/2.png": b"one", "test/0/3.png": b"three",
          "README.md": b"tiny"}
@@ -32,14 +31,14 @@ def make_archive(path: Path, files: dict[str, bytes], prefix: str = "./") -> Pat
     return path
 
 
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
 def packed(data: Path) -> dict[str, bytes]:
     """What data/ holds: the members of data/images.zip, and nothing beside it."""
     assert [p.name for p in data.iterdir()] == ["images.zip"]
-    with zipfile.ZipFile(data / "images.zip") as z:
+    return members(data / "images.zip")
+
+
+def members(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as z:
         return {name: z.read(name) for name in z.namelist()}
 
 
@@ -50,25 +49,37 @@ def edit(repo: Path) -> None:
 
 
 def write_packed(data: Path, files: dict[str, bytes]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, content in files.items():
-            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
-            (Path(tmp) / name).write_bytes(content)
-        data.mkdir(exist_ok=True)
-        pack(Path(tmp), data / "images.zip")
+    data.mkdir(exist_ok=True)
+    write_zip(files, data / "images.zip")
 
 
 @pytest.mark.parametrize("prefix", ["./", "mnist-pngs-main/"])
-def test_unpack_keeps_the_data_set_and_drops_a_leading_folder(tmp_path, prefix):
+def test_repack_keeps_the_data_set_and_drops_a_leading_folder(tmp_path, prefix):
     archive = make_archive(tmp_path / "a.tar.gz", FILES, prefix)
-    unpack(archive, KEEP, tmp_path / "out")
-    assert tree(tmp_path / "out") == FILES
+    repack(archive, KEEP, tmp_path / "a.zip")
+    assert members(tmp_path / "a.zip") == FILES
 
 
-def test_unpack_reports_missing_members(tmp_path):
+def test_repack_reports_missing_members(tmp_path):
     archive = make_archive(tmp_path / "a.tar.gz", {"train/x.png": b"x"})
     with pytest.raises(DataError, match="does not contain test, README.md"):
-        unpack(archive, KEEP, tmp_path / "out")
+        repack(archive, KEEP, tmp_path / "a.zip")
+
+
+def test_repack_refuses_a_member_outside_the_data_set(tmp_path):
+    archive = make_archive(tmp_path / "a.tar.gz", {**FILES, "train/../../x.png": b"x"})
+    with pytest.raises(DataError, match="train/../../x.png points outside"):
+        repack(archive, KEEP, tmp_path / "a.zip")
+
+
+def test_write_zip_is_the_same_bytes_for_the_same_files_in_any_order(tmp_path):
+    # Sorted by path components, as DVC-pinned MNIST was packed: "a/b" before "a-b" although
+    # "-" sorts before "/" as a character.
+    files = {"a-b/1.png": b"1", "a/b/2.png": b"2", "a/10.png": b"3", "README.md": b"4"}
+    write_zip(files, tmp_path / "one.zip")
+    write_zip(dict(reversed(files.items())), tmp_path / "two.zip")
+    assert (tmp_path / "one.zip").read_bytes() == (tmp_path / "two.zip").read_bytes()
+    assert list(members(tmp_path / "one.zip")) == ["README.md", "a/10.png", "a/b/2.png", "a-b/1.png"]
 
 
 @pytest.fixture
