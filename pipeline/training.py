@@ -427,7 +427,7 @@ def batch_loss(model: UNet, scheduler: NoiseScheduler | EDM, x0: torch.Tensor, n
         else:
             prediction = model(x_t, t, labels)
     target = scheduler.get_target(x0, noise, t)
-    if p.min_snr_gamma > 0:
+    if p.min_snr_gamma > 0 and isinstance(scheduler, NoiseScheduler):  # EDM weights by itself
         weights = min_snr_weights(scheduler.snr(t), p.min_snr_gamma, scheduler.prediction_type)
         squared_error = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1)
         return (weights.to(squared_error) * squared_error).mean()

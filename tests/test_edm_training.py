@@ -223,7 +223,7 @@ def test_ddpm_only_samplers_refuse_an_edm_model():
     ({"diffusion": {"schedule": "cosine"}}, "diffusion.schedule"),
     ({"diffusion": {"prediction_type": "v_prediction"}}, "diffusion.prediction_type"),
     ({"diffusion": {"num_timesteps": 50}}, "diffusion.num_timesteps"),
-    ({"train": {"min_snr_gamma": 5.0}}, "train.min_snr_gamma"),
+    ({"train": {"min_snr_gamma": 10.0}}, "train.min_snr_gamma"),
     ({"train": {"offset_noise": 0.1}}, "train.offset_noise"),
     ({"sample": {"timestep_spacing": "leading"}}, "sample.timestep_spacing"),
     ({"sample": {"method": "ddim"}}, "sample.method"),

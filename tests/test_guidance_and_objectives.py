@@ -31,11 +31,12 @@ class Spy(torch.nn.Module):
 
 
 def step(model, scheduler, x0, labels, **options):
-    """One train_step with seed 0; returns the loss and a generator replaying its first draws."""
+    """One train_step with seed 0 (min-SNR off unless given); returns the loss and a generator
+    replaying its first draws."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     generator = torch.Generator().manual_seed(0)
     loss, _ = train_step(model, scheduler, optimizer, x0, labels, generator,
-                         TrainParams(grad_clip=0.0, **options))
+                         TrainParams(grad_clip=0.0, **{"min_snr_gamma": 0.0, **options}))
     replay = torch.Generator().manual_seed(0)
     t = torch.randint(scheduler.num_timesteps, (len(x0),), generator=replay)
     noise = torch.randn(x0.shape, generator=replay)
@@ -45,7 +46,7 @@ def step(model, scheduler, x0, labels, **options):
 X0 = torch.rand(64, 2, 4, 4, generator=torch.Generator().manual_seed(9)) * 2 - 1
 
 
-def test_train_step_defaults_are_plain_l_simple():
+def test_train_step_without_min_snr_is_plain_l_simple():
     scheduler, model = NoiseScheduler(100), Spy()
     loss, generator, replay, t, noise = step(model, scheduler, X0, torch.zeros(64, dtype=torch.long))
     x_t, seen_t, labels = model.inputs[0]
@@ -170,7 +171,7 @@ def test_params():
     assert (p.train.cond_drop_prob, p.train.min_snr_gamma, p.train.offset_noise) == (0.1, 5.0, 0.1)
     defaults = from_dict({})
     assert (defaults.sample.guidance_scale, defaults.sample.classes) == (0.0, ())
-    assert (defaults.train.cond_drop_prob, defaults.train.min_snr_gamma, defaults.train.offset_noise) == (0, 0, 0)
+    assert (defaults.train.cond_drop_prob, defaults.train.min_snr_gamma, defaults.train.offset_noise) == (0, 5.0, 0)
 
 
 @pytest.mark.parametrize(
