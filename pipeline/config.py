@@ -149,7 +149,7 @@ class DiffusionParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    steps: int = spec(800, low=1)
+    steps: int = spec(750, low=1)
     batch_size: int = spec(64, low=1)
     # Images per forward/backward pass on each process; the gradients of the passes add up to
     # the whole batch's (EDM's --batch-gpu). 0 = the whole batch of each process in one pass.
