@@ -204,10 +204,10 @@ def recorded(model):
 
 
 def one_step(model, scheduler, generator, shard=slice(None)):
-    """train_step on the rows `shard` of the batch X0."""
+    """train_step on the rows `shard` of the batch X0, with the plain L_simple loss."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     return train_step(model, scheduler, optimizer, X0[shard], None, generator,
-                      TrainParams(grad_clip=0.0), shard=shard, batch_size=len(X0))
+                      TrainParams(grad_clip=0.0, min_snr_gamma=0.0), shard=shard, batch_size=len(X0))
 
 
 def test_a_step_runs_two_passes_on_heads_and_one_on_tails_drawn_from_the_generator():

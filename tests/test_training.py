@@ -112,10 +112,10 @@ def test_checkpoint_of_other_params_or_data_is_not_resumed(tmp_path, capsys, cha
 
 
 def test_training_learns_a_single_image(tmp_path):
-    """Fitting one image, the loss falls from the untrained E[eps^2] = 1 (zero-initialised output)
-    to a small fraction of it."""
+    """Fitting one image, the plain loss falls from the untrained E[eps^2] = 1 (zero-initialised
+    output) to a small fraction of it."""
     params = tiny_params(steps=150, lr=0.005, log_every=10, sample_every=1000,
-                         checkpoint_every=1000, warmup_steps=5)
+                         checkpoint_every=1000, warmup_steps=5, min_snr_gamma=0.0)
     data = ImageSet(torch.full((1, 1, 8, 8), 200, dtype=torch.uint8), torch.zeros(1).long(), ("x",))
     logger = Recorder()
     train(params, data, tmp_path, logger)
@@ -307,7 +307,9 @@ def test_compiled_training_follows_the_eager_run_and_saves_a_plain_model(tmp_pat
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     a, b = ema_weights(tmp_path / "eager"), ema_weights(tmp_path / "compiled")
     assert a.keys() == b.keys()  # no "_orig_mod." prefixes from the compiled wrapper
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # Adam divides by the gradient's own scale, so rounding in a near-zero gradient moves a weight
+    # by up to 1e-5 per step here; a step computed wrongly moves it by about lr = 2e-3.
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     load_ema_model(tmp_path / "compiled" / EMA_FILE, torch.device("cpu"))
 
 
