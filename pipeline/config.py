@@ -196,9 +196,10 @@ class SampleParams:
     s_tmin: float = spec(0.0, low=0.0)
     s_tmax: float = spec(math.inf, low=0.0)  # .inf in params.yaml, as in the paper
     s_noise: float = spec(1.0, low=0.0, low_open=True)
-    # Of the network's forward passes. bf16: faster on every CPU measured, at the same quality
-    # (docs/quality.md); not auto, which (timed, as train.precision) makes the samples depend on a timing.
-    precision: Precision = "bf16"
+    # Of the network's forward passes. fp32 by default: bf16 autocast samples at the same quality
+    # and faster on CPUs with AVX512-BF16, but 14x slower on one without it (docs/quality.md);
+    # auto (timed, as train.precision) picks the faster but makes the samples depend on a timing.
+    precision: Precision = "fp32"
 
 
 @dataclass(frozen=True)

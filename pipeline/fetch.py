@@ -112,7 +112,7 @@ def _get_data(name: str, mirror: str | None, force: bool) -> str:
         return "data/ pulled from the default DVC remote"
     _repack_into(SOURCES[name], mirror)
     commit_pinned(repo, Path("data.dvc"))
-    return "data/ unpacked, verified against data.dvc and cached"
+    return "data/ repacked from the source, verified against data.dvc and cached"
 
 
 def _switch_back(repo, state: dict, mirror: str | None, force: bool) -> str:
