@@ -3,6 +3,12 @@
 import sys
 from collections.abc import Callable
 
+from pipeline.memory import keep_freed_memory
+
+# Before a stage's module imports torch: every stage allocates the same tensors over and over, and
+# glibc's default hands them back to the kernel each time (pipeline/memory.py).
+keep_freed_memory()
+
 
 def run(stage: str, main: Callable[[], None]) -> None:
     """Run a stage's main; bad params or data end it with a one-line message, not a traceback.
