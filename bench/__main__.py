@@ -135,10 +135,10 @@ def main() -> None:
                        "compile": args.compile}
     report = {"machine": machine(device), "command": " ".join(sys.argv), "repeats": repeats,
               "project_options": project_options,
-              "matmul_bf16_tflop_per_s": matmul_flops_per_s(device) / 1e12,
+              "matmul_bf16_tflop_per_s": matmul_flops_per_s(device, args.quick) / 1e12,
               "configs": {}}
     print(json.dumps(report["machine"]))
-    print(f"bf16 matmul: {report['matmul_bf16_tflop_per_s']:.3f} TFLOP/s on {device}")
+    print(f"bf16 matmul: {report['matmul_bf16_tflop_per_s'] * 1e3:.2f} GFLOP/s on {device}")
     print("config   task   prec batch     | images/s project reference ratio | "
           "peak MiB project reference ratio | load before (1, 5, 15 min), after")
     for name, config in configs(device.type, args.params, args.quick).items():

@@ -38,9 +38,12 @@ def flops_per_image(params: Params, task: str) -> float:
     return per_call if task == "train" else per_call * SAMPLE_STEPS
 
 
-def matmul_flops_per_s(device: torch.device) -> float:
-    """FLOP/s of an n x n bf16 matmul (2 n^3 FLOPs), the best of a few after one warm-up."""
-    n = 8192 if device.type == "cuda" else 2048
+def matmul_flops_per_s(device: torch.device, quick: bool = False) -> float:
+    """FLOP/s of an n x n bf16 matmul (2 n^3 FLOPs), the best of a few after one warm-up.
+
+    quick: n = 512 on a CPU, where a CPU without AVX-512 runs bf16 at well under 1 GFLOP/s and
+    four 2048 x 2048 products take minutes."""
+    n = 8192 if device.type == "cuda" else 512 if quick else 2048
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     best = float("inf")

@@ -46,11 +46,15 @@ def choose_precision(precision: Precision, device: torch.device, make_step: Call
                     f"bf16 {times['bf16'] * 1e3:.0f} ms/step)"
 
 
-def fastest_precision(step: Step, repeats: int = 3) -> tuple[str, dict[str, float]]:
+def fastest_precision(step: Step, repeats: int = 3, decisive: float = 2.0
+                      ) -> tuple[str, dict[str, float]]:
     """The faster precision of `step(bf16)`, and the median seconds of each.
 
     One warm-up of each (oneDNN builds its kernels on the first call), then `repeats` timed
-    calls of each, alternating, so that a change in the machine's load hits both alike. The
+    calls of each, alternating, so that a change in the machine's load hits both alike. A round
+    in which one precision takes more than `decisive` times the other ends the probe: load
+    noise does not make up a factor of 2, and on a CPU without AVX-512 a bf16 step of the
+    default model takes 10x an fp32 one (5 s), so each further round would cost seconds. The
     global random states are put back afterwards (dropout draws from them), so the caller's run
     draws exactly what it would have drawn without the probe; the step itself must leave the
     caller's weights alone (work on a copy).
@@ -65,9 +69,15 @@ def fastest_precision(step: Step, repeats: int = 3) -> tuple[str, dict[str, floa
                 step(name == "bf16")
                 if repeat:  # repeat 0 is the warm-up
                     seconds.append(time.perf_counter() - start)
+            if repeat and is_decisive(times["fp32"][-1], times["bf16"][-1], decisive):
+                break
     finally:
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
     medians = {name: statistics.median(seconds) for name, seconds in times.items()}
     return min(medians, key=medians.__getitem__), medians
+
+
+def is_decisive(fp32_seconds: float, bf16_seconds: float, factor: float) -> bool:
+    return max(fp32_seconds, bf16_seconds) > factor * min(fp32_seconds, bf16_seconds)

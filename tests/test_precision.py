@@ -24,6 +24,24 @@ def test_the_probe_picks_the_faster_step():
     assert fastest == "bf16" and times["fp32"] > times["bf16"] >= 0.002
 
 
+def counting_step(fp32_s, bf16_s):
+    calls = {"fp32": 0, "bf16": 0}
+
+    def step(bf16):
+        calls["bf16" if bf16 else "fp32"] += 1
+        time.sleep(bf16_s if bf16 else fp32_s)
+    return step, calls
+
+
+def test_a_gap_over_the_decisive_factor_ends_the_probe_after_one_timed_round():
+    step, calls = counting_step(0.002, 0.03)  # 15x, as bf16 on a CPU without AVX-512
+    assert fastest_precision(step, repeats=3)[0] == "fp32"
+    assert calls == {"fp32": 2, "bf16": 2}  # the warm-up and one timed call each
+    step, calls = counting_step(0.02, 0.025)  # 1.25x: every round is run
+    assert fastest_precision(step, repeats=3)[0] == "fp32"
+    assert calls == {"fp32": 4, "bf16": 4}
+
+
 def test_the_probe_puts_the_random_state_back():
     before = torch.get_rng_state()
     fastest_precision(lambda bf16: torch.rand(10))
