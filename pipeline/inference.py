@@ -27,6 +27,8 @@ from pipeline.model_file import TrainedModel
 from pipeline.sampler import Churn, guided, model_fn, sample
 from pipeline.unet import UNet
 
+PROGRESSION_ROWS = 8  # samples in the denoising-progression figure
+
 
 def class_indices(trained: TrainedModel, names: Sequence[str]) -> list[int]:
     """The labels of the named classes, or of all classes for no names; [] for an unconditional model."""
@@ -56,13 +58,16 @@ def denoiser(model: UNet, labels: torch.Tensor | None, guidance_scale: float) ->
 
 def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = None,
              return_intermediates: bool = False, labels: torch.Tensor | None = None,
-             progress: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+             progress: bool = True, intermediate_images: int | None = None
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """uint8 images [N, C, H, W] from the configured sampler, in batches, seeded by p.seed; a
     latent model's decoded.
 
     A class-conditional model draws image i of class `draw_labels(...)[i]`, or of `labels[i]`
     when given (which then sets N). With return_intermediates, also the x0 predictions of every
-    step of the first batch. `progress`: a progress bar per batch on stderr.
+    step of the first `intermediate_images` images (None: the first batch); a latent model
+    decodes each, so asking for the few a figure shows saves a decoder pass per step and image.
+    `progress`: a progress bar per batch on stderr.
     """
     model = trained.model
     device = next(model.parameters()).device
@@ -89,7 +94,8 @@ def generate(trained: TrainedModel, p: SampleParams, num_images: int | None = No
         if return_intermediates and start == 0:
             out, intermediates = out
         images.append(to_uint8(trained.to_images(out).cpu()))
-    return torch.cat(images), [to_uint8(trained.to_images(x).cpu()) for x in intermediates]
+    return torch.cat(images), [to_uint8(trained.to_images(x[:intermediate_images]).cpu())
+                               for x in intermediates]
 
 
 def sampling_bf16(trained: TrainedModel, p: SampleParams, labels: torch.Tensor | None, n: int,
@@ -165,7 +171,8 @@ def write_samples(images: torch.Tensor, folder: Path) -> None:
                    folder / f"{i:0{width}d}.png")
 
 
-def progression_image(intermediates: list[torch.Tensor], rows: int = 8, columns: int = 10
+def progression_image(intermediates: list[torch.Tensor], rows: int = PROGRESSION_ROWS,
+                      columns: int = 10
                       ) -> Image.Image:
     """Denoising progression: each row one sample, left to right its x0 prediction over steps."""
     picks = torch.linspace(0, len(intermediates) - 1, min(columns, len(intermediates))).round()

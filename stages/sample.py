@@ -8,7 +8,8 @@ the samples against.
 
 from pipeline.config import load_params
 from pipeline.data import grid_image
-from pipeline.inference import draw_labels, generate, progression_image, write_samples
+from pipeline.inference import (PROGRESSION_ROWS, draw_labels, generate, progression_image,
+                                write_samples)
 from pipeline.io import save_image, save_json
 from pipeline.model_file import load_ema_model
 from stages import run
@@ -19,7 +20,8 @@ def main() -> None:
     params = load_params().sample
     trained = load_ema_model(EMA_MODEL)
     labels = draw_labels(trained, params, params.num_images)
-    images, intermediates = generate(trained, params, return_intermediates=True, labels=labels)
+    images, intermediates = generate(trained, params, return_intermediates=True, labels=labels,
+                                     intermediate_images=PROGRESSION_ROWS)
     write_samples(images, SAMPLES)
     save_json({"classes": list(trained.classes),
                "labels": None if labels is None else labels.tolist()}, SAMPLE_LABELS)

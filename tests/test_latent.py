@@ -133,6 +133,23 @@ def test_every_sampler_with_guidance_draws_decoded_unclipped_images(trained, met
         assert (png.size, png.mode) == ((8, 8), "L")
 
 
+def test_only_the_intermediates_asked_for_are_decoded(trained, monkeypatch):
+    """The sample stage asks for the progression figure's rows: a decoder pass per step for
+    each of those, not for the whole first batch (25 steps x 250 latents took 43 s on CPU)."""
+    p = sample_params({"method": "ddim", "num_steps": 3, "batch_size": 3, "precision": "fp32"})
+    _, every = generate(trained.model, p, num_images=3, return_intermediates=True, progress=False)
+    decoded = []
+    kind = type(trained.model.autoencoder)
+    decode = kind.decode
+    monkeypatch.setattr(kind, "decode", lambda self, z: decoded.append(len(z)) or decode(self, z))
+    _, first = generate(trained.model, p, num_images=3, return_intermediates=True,
+                        progress=False, intermediate_images=1)
+    assert decoded == [3] + [1] * 3  # the samples, then one latent per step
+    assert [x.shape[0] for x in first] == [1] * 3
+    for one, all_three in zip(first, every):
+        assert (one.int() - all_three[:1].int()).abs().max() <= 1  # uint8, same latent
+
+
 def test_the_generate_cli_draws_a_latent_models_images(trained, tmp_path, capsys):
     generate_cli(["--model", str(trained.root / "train" / EMA_FILE), "--num", "3", "--method",
                   "ddim", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "g.png")])
