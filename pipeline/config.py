@@ -121,7 +121,9 @@ class ModelParams:
     num_heads: int = spec(4, low=1)
     dropout: float = spec(0.0, low=0.0, high=1.0, high_open=True)
     norm_groups: int = spec(8, low=1)  # GroupNorm groups
-    num_classes: int = spec(0, low=0)  # 0 = unconditional
+    # 0 = unconditional; else exactly the number of class folders (10: MNIST's digits; a
+    # class-conditional model draws far cleaner digits in a short run, docs/quality.md)
+    num_classes: int = spec(10, low=0)
     self_condition: bool = False  # also feed the model its previous x0 estimate (Chen et al. 2022)
     # Recompute each residual block's activations in the backward pass instead of keeping them:
     # less memory (docs/presets.md), 1.25x the FLOPs of a training step, the same gradients.

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {
     "preprocess": {"image_size": 8, "channels": 1},
     "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4],
-              "num_heads": 2, "norm_groups": 4},
+              "num_heads": 2, "norm_groups": 4, "num_classes": 0},
     "diffusion": {"num_timesteps": 50},
     "train": {"steps": 120, "batch_size": 8, "warmup_steps": 10, "log_every": 4,
               "checkpoint_every": 20, "sample_every": 40, "grid_images": 4,

@@ -42,7 +42,7 @@ STAGES = ["preprocess", "train_classifier", "train", "sample", "evaluate"]
 TINY = {
     "preprocess": {"data_dir": "data", "image_size": 16, "max_reference_images": 40},
     "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [8],
-              "num_heads": 2, "norm_groups": 4},
+              "num_heads": 2, "norm_groups": 4, "num_classes": 0},  # its data: two classes
     "train": {"steps": 30, "batch_size": 8, "warmup_steps": 2, "log_every": 3,
               "checkpoint_every": 15, "sample_every": 15, "grid_images": 4,
               "grid_sampling_steps": 2},

@@ -290,7 +290,8 @@ def test_train_stage_refuses_a_wrong_num_classes_before_training(tmp_path):
 
 
 def test_num_classes_zero_or_the_class_count_is_fine():
-    assert check_classes(Params(), ("a", "b")) is None  # 0: unconditional
+    assert check_classes(from_dict({"model": {"num_classes": 0}}), ("a", "b")) is None  # unconditional
+    assert check_classes(Params(), tuple("0123456789")) is None  # the default: MNIST's 10 digits
     assert check_classes(from_dict({"model": {"num_classes": 1}}), ("all",)) is None
     assert check_classes(from_dict({"model": {"num_classes": 2}}), ("a", "b")) is None
 

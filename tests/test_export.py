@@ -24,7 +24,7 @@ from pipeline.unet import UNet, build_model
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"preprocess": {"image_size": 8, "channels": 1},
         "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4],
-                  "num_heads": 2, "norm_groups": 4, "dropout": 0.0},
+                  "num_heads": 2, "norm_groups": 4, "dropout": 0.0, "num_classes": 0},
         "diffusion": {"num_timesteps": 20}}
 
 

@@ -16,7 +16,7 @@ from pipeline.training import NonFiniteLoss, TrainState, learning_rate, save_his
 
 TINY = {"preprocess": {"image_size": 8, "channels": 1},
         "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4],
-                  "num_heads": 2, "norm_groups": 4, "dropout": 0.1},
+                  "num_heads": 2, "norm_groups": 4, "dropout": 0.1, "num_classes": 0},
         "diffusion": {"num_timesteps": 50},
         "sample": {"num_steps": 4},
         "train": {"steps": 6, "batch_size": 8, "lr": 0.002, "warmup_steps": 2, "log_every": 2,
