@@ -18,14 +18,8 @@ signal number, as the train stage does.
 
 import shutil
 
-from pipeline.autoencoder_training import fingerprint, reconstruction_floor, train_autoencoder
-from pipeline.checkpoint import Checkpoints
-from pipeline.classifier import load_classifier
 from pipeline.config import Params, check_data_size, load_params
-from pipeline.data import ImageSet
 from pipeline.io import atomic_folder, save_image, save_json
-from pipeline.loop import marked_on_failure
-from pipeline.tracking import connect
 from stages import run
 from stages.paths import (AUTOENCODER_CHECKPOINTS, AUTOENCODER_DIR, AUTOENCODER_METRICS,
                           CLASSIFIER, NO_AUTOENCODER, RECONSTRUCTIONS, REFERENCE_SET, TRAIN_SET)
@@ -45,6 +39,15 @@ def main() -> None:
 
 
 def train_and_record(params: Params) -> None:
+    # Imported here: the pixel-space marker above needs none of these, and MLflow's import is most
+    # of a stage's start-up, paid by every pixel-space `dvc repro` for nothing (docs/benchmarks.md).
+    from pipeline.autoencoder_training import fingerprint, reconstruction_floor, train_autoencoder
+    from pipeline.checkpoint import Checkpoints
+    from pipeline.classifier import load_classifier
+    from pipeline.data import ImageSet
+    from pipeline.loop import marked_on_failure
+    from pipeline.tracking import connect
+
     data, reference = ImageSet.load(TRAIN_SET), ImageSet.load(REFERENCE_SET)
     check_data_size(params, len(data), "autoencoder")
     load_classifier(CLASSIFIER)  # a missing or broken classifier fails here, before the training

@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,3 +291,18 @@ def test_the_stage_in_pixel_space_writes_only_the_marker_at_once(tmp_path, monke
     assert json.loads(AUTOENCODER_METRICS.read_text()) == {}
     stage.main()  # again: the same bytes, so DVC sees no change
     assert [p.name for p in AUTOENCODER_DIR.iterdir()] == ["not_needed.json"]
+
+
+def test_the_pixel_space_marker_imports_neither_mlflow_nor_the_autoencoder(tmp_path):
+    """Every pixel-space `dvc repro` starts this stage: its start-up is MLflow's import if it
+    imports the modules of the latent path (about 7 s on the 2-core CI machines)."""
+    (tmp_path / "params.yaml").write_text("model:\n  space: pixel\n")
+    heavy = ("mlflow", "pipeline.autoencoder_training", "pipeline.tracking", "pipeline.classifier")
+    code = ("import sys\nfrom stages import train_autoencoder\ntrain_autoencoder.main()\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert (tmp_path / "outputs/autoencoder/model/not_needed.json").exists()
