@@ -180,7 +180,7 @@ class TrainParams:
 @dataclass(frozen=True)
 class SampleParams:
     method: SamplingMethod = "ddpm"
-    num_steps: int = spec(100, low=1)
+    num_steps: int = spec(50, low=1)
     eta: float = spec(0.0, low=0.0, high=1.0)  # DDIM: 0 deterministic, 1 DDPM-like
     timestep_spacing: TimestepSpacing = "trailing"
     # Clip each step's x0 estimate to the pixel range [-1, 1]. A latent model (model.space
