@@ -35,6 +35,7 @@ from pipeline.autoencoder import (AUTOENCODER_FILE, LATENTS, Autoencoder, autoen
                                   build_autoencoder, latent_scale, psnr, save_autoencoder)
 from pipeline.batches import Batches
 from pipeline.checkpoint import Checkpoints, random_states, restore_random_states
+from pipeline.code_digest import closure, digest
 from pipeline.config import AutoencoderParams, Params, TrainParams, to_dict
 from pipeline.data import ImageSet, grid_image, to_model_range, to_uint8
 from pipeline.device import default_device
@@ -71,6 +72,13 @@ def fingerprint(params: Params, data: ImageSet) -> str:
     digest = hashlib.sha256(repr([to_dict(params)["autoencoder"], BATCH_ORDER]).encode())
     hash_images(digest, data.images, data.labels)
     return digest.hexdigest()
+
+
+def training_code() -> str:
+    """Digest of the code that trains a run: this module and the project modules it imports
+    (pipeline/code_digest.py), but not pipeline/metrics.py, which only scores the reconstruction
+    floor, on every run: a metrics change re-scores a finished run and does not retrain it."""
+    return digest(closure("pipeline/autoencoder_training.py", skip=["pipeline/metrics.py"]))
 
 
 def train_autoencoder(params: Params, data: ImageSet, reference: ImageSet, out_dir: Path,

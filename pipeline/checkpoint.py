@@ -15,6 +15,12 @@ and falls back to the one before it. `run.json` beside them names the tracking r
 that run exists, so that a run killed before its first checkpoint is also continued, not
 duplicated. When a run completes, `complete` marks its folder and removes the folders of other
 completed runs; those of interrupted runs stay until they are resumed and complete.
+
+The identity is of params and data, not of code, so that an interrupted run resumes after an edit
+(it says so if the code it began under was other). A finished run is handed back only under the
+code that made it: every checkpoint and the mark of completion record `code`, a digest of the code
+the training runs (pipeline/code_digest.py), and `drop_if_made_by_other_code` removes a finished
+run of other code before the stage looks up its tracking run, so that it trains afresh.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ COMPLETE = "COMPLETE"  # marks the folder of a run that finished
 
 
 class Checkpoints:
-    """The checkpoint folder of one run under `root`: `identity` says which run it is."""
+    """The checkpoint folder of one run under `root`: `identity` says which run it is, `code`
+    which code trains it (a digest; see the module's docstring)."""
 
-    def __init__(self, root: Path, identity: str) -> None:
-        self.root, self.identity = Path(root), identity
+    def __init__(self, root: Path, identity: str, code: str = "") -> None:
+        self.root, self.identity, self.code = Path(root), identity, code
         self.folder = self.root / identity[:ID_LENGTH]
 
     def paths(self) -> list[Path]:
@@ -60,7 +67,7 @@ class Checkpoints:
     def save(self, checkpoint: dict[str, Any], step: int) -> Path:
         """Write the checkpoint of `step`; then drop all but the newest KEEP of this run."""
         path = self.folder / f"step-{step:08d}-{self.identity[:ID_LENGTH]}.pt"
-        save_torch({"identity": self.identity, **checkpoint}, path)
+        save_torch({"identity": self.identity, "code": self.code, **checkpoint}, path)
         keep = [p for p in self.paths() if self.ours(p)][:KEEP]
         torn = self.folder.glob(".step-*.tmp")  # left by writes that a SIGKILL cut short
         for old in (set(self.paths()) - set(keep)) | set(torn):
@@ -81,6 +88,9 @@ class Checkpoints:
                 raise ValueError(f"{path}: its name and its contents name different runs; "
                                  "move it out of the way")
             print(f"{path}: resuming at step {checkpoint['state']['step']}")
+            if checkpoint.get("code") != self.code:
+                print(f"{path}: the run began under other code; it goes on under this code "
+                      f"(delete {self.folder} to start it over)")
             return checkpoint
         if ours:
             print(f"{self.folder}: no readable checkpoint of this run; starting a fresh run")
@@ -98,9 +108,24 @@ class Checkpoints:
     def set_run_id(self, run_id: str | None) -> None:
         save_json({"identity": self.identity, "run_id": run_id}, self.folder / "run.json")
 
+    def drop_if_made_by_other_code(self) -> None:
+        """Remove this run's folder if the run finished under other code (or under code that
+        recorded none): its model is not what this code trains. Call it before `run_id`, so the
+        new training gets its own tracking run, and before any process loads a checkpoint."""
+        mark = self.folder / COMPLETE
+        if not mark.is_file():  # not finished: an interrupted run resumes under any code
+            return
+        try:
+            code = json.loads(mark.read_text())["code"]
+        except (ValueError, KeyError, TypeError):  # a mark from before `code`, or unreadable
+            code = None
+        if code != self.code:
+            shutil.rmtree(self.folder)
+            print(f"{self.folder}: a finished run of other code; training again from step 0")
+
     def complete(self) -> None:
         """Mark this run finished, and remove the folders of other finished runs."""
-        save_json({"identity": self.identity}, self.folder / COMPLETE)
+        save_json({"identity": self.identity, "code": self.code}, self.folder / COMPLETE)
         for folder in self.root.iterdir():
             if folder != self.folder and (folder / COMPLETE).is_file():
                 shutil.rmtree(folder, ignore_errors=True)

@@ -60,6 +60,11 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def wait_for_main(self) -> None:
+        """Return once every rank, rank 0 too, has called it."""
+        if self.size > 1:
+            dist.barrier()
+
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's `value` in rank order on rank 0 (None on the others)."""
         if self.size == 1:

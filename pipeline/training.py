@@ -56,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.autoencoder import TrainedAutoencoder
 from pipeline.batches import Batches, gather, to_device
 from pipeline.checkpoint import Checkpoints, random_states, restore_random_states
+from pipeline.code_digest import closure, digest
 from pipeline.config import Params, TrainParams, to_dict, unet_input
 from pipeline.data import ImageSet, grid_image, to_uint8
 from pipeline.device import Step, choose_precision, default_device
@@ -117,6 +118,12 @@ def fingerprint(params: Params, data: ImageSet, processes: int = 1,
     digest = hashlib.sha256(repr(identity).encode())
     hash_images(digest, data.images, data.labels)
     return digest.hexdigest()
+
+
+def training_code() -> str:
+    """Digest of the code that trains a run: this module and every project module it imports
+    (pipeline/code_digest.py). A finished run is taken up again only under the same digest."""
+    return digest(closure("pipeline/training.py"))
 
 
 def sample_grid(model: UNet, scheduler: NoiseScheduler | EDM, p: TrainParams, classes: int,
@@ -184,7 +191,8 @@ def train(params: Params, data: ImageSet, out_dir: Path, logger: Logger,
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     generator = torch.Generator(device).manual_seed(p.seed)
     checkpoints = checkpoints or Checkpoints(out_dir / "checkpoints",
-                                             fingerprint(params, data, world.size, autoencoder))
+                                             fingerprint(params, data, world.size, autoencoder),
+                                             training_code())
     state = resume(checkpoints, model, ema, optimizer, generator, world.rank)
     logger = NewStepsOnly(logger)
     clip = autoencoder is None  # self-conditioning's estimate: clipped to the pixel range only

@@ -5,7 +5,8 @@ history.csv (DVC metrics and plots). With model.space latent it trains on the tr
 latents, which the train_autoencoder stage wrote, and the model file carries that autoencoder.
 Checkpoints go to checkpoints/<run> in the main repository, outside DVC's outputs
 (stages/paths.py): an interrupted run, also under `dvc exp run`, resumes from them in the same
-MLflow run. SIGINT/SIGTERM write a checkpoint, mark the MLflow run KILLED
+MLflow run; a finished run is taken up again only under the code that trained it
+(pipeline/checkpoint.py), else it trains again, in a new MLflow run. SIGINT/SIGTERM write a checkpoint, mark the MLflow run KILLED
 and exit with 128 + the signal number; a diverged loss marks it FAILED.
 
 With `train.num_processes` > 1 the stage starts itself again under torchrun, as that many
@@ -26,7 +27,8 @@ from pipeline.model_logging import log_ema_model
 from pipeline.plots import save_loss_curve
 from pipeline.progress import TrainProgress
 from pipeline.tracking import Run, TrainingCurves, connect
-from pipeline.training import TrainState, fingerprint, save_history, summary, train
+from pipeline.training import (TrainState, fingerprint, save_history, summary, train,
+                               training_code)
 from pipeline.unet import build_model, count_parameters
 from stages import run
 from stages.paths import (AUTOENCODER, CHECKPOINTS, EMA_MODEL, HISTORY, LATENTS, LOSS_CURVE,
@@ -53,7 +55,11 @@ def train_and_record(params: Params, world: distributed.World) -> None:
     autoencoder = load_autoencoder(AUTOENCODER, world.device) if latent else None
     check_data_size(params, len(data))
     check_classes(params, data.classes)
-    checkpoints = Checkpoints(CHECKPOINTS, fingerprint(params, data, world.size, autoencoder))
+    checkpoints = Checkpoints(CHECKPOINTS, fingerprint(params, data, world.size, autoencoder),
+                              training_code())
+    if world.is_main:
+        checkpoints.drop_if_made_by_other_code()
+    world.wait_for_main()  # no rank loads a checkpoint that rank 0 is about to drop
     if world.is_main:
         tracker = connect(params.tracking)  # an unreachable store fails here, before any work
         mlflow_run = tracker.training_run(params, checkpoints.run_id())

@@ -41,7 +41,8 @@ def main() -> None:
 def train_and_record(params: Params) -> None:
     # Imported here: the pixel-space marker above needs none of these, and MLflow's import is most
     # of a stage's start-up, paid by every pixel-space `dvc repro` for nothing (docs/benchmarks.md).
-    from pipeline.autoencoder_training import fingerprint, reconstruction_floor, train_autoencoder
+    from pipeline.autoencoder_training import (fingerprint, reconstruction_floor, train_autoencoder,
+                                               training_code)
     from pipeline.checkpoint import Checkpoints
     from pipeline.classifier import load_classifier
     from pipeline.data import ImageSet
@@ -51,7 +52,8 @@ def train_and_record(params: Params) -> None:
     data, reference = ImageSet.load(TRAIN_SET), ImageSet.load(REFERENCE_SET)
     check_data_size(params, len(data), "autoencoder")
     load_classifier(CLASSIFIER)  # a missing or broken classifier fails here, before the training
-    checkpoints = Checkpoints(AUTOENCODER_CHECKPOINTS, fingerprint(params, data))
+    checkpoints = Checkpoints(AUTOENCODER_CHECKPOINTS, fingerprint(params, data), training_code())
+    checkpoints.drop_if_made_by_other_code()
     tracker = connect(params.tracking)  # an unreachable store fails here, before any work
     mlflow_run = tracker.autoencoder_run(params, checkpoints.run_id())
     checkpoints.set_run_id(mlflow_run.id)

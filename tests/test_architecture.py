@@ -1,8 +1,9 @@
 """The layout: each stage's deps in dvc.yaml are exactly the project code it runs, the imports
 have no circles, each choice is defined once, and the stage paths agree with dvc.yaml.
 
-Imports are read from the source (ast), all of them: module-level, function-level and under
-TYPE_CHECKING, since each is code that a stage may run and an edge of the graph.
+Imports are read from the source by pipeline/code_digest.py, all of them (module-level,
+function-level and under TYPE_CHECKING), since each is code that a stage may run and an edge of
+the graph.
 """
 
 import ast
@@ -15,58 +16,10 @@ import torch
 import yaml
 
 from pipeline import autoencoder, config, noise_scheduler, sampler
+from pipeline.code_digest import (PACKAGES, READS, ROOT, closure, imported_modules, imports,
+                                  module_file)
 from pipeline.noise_scheduler import NoiseScheduler
 from stages import paths
-
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "stages")
-# Files a module reads as code without importing them: the MLflow model is logged from its
-# source (pipeline.model_logging.MODEL_CODE), so what it runs is part of what train produces.
-READS = {"pipeline/model_logging.py": ["pipeline/mlflow_model.py"]}
-
-
-def module_file(name: str) -> str | None:
-    """The project file of a module name (a package's __init__.py), None if not ours."""
-    if name.split(".")[0] not in PACKAGES:
-        return None
-    path = Path(*name.split("."))
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if (ROOT / candidate).is_file():
-            return candidate.as_posix()
-    return None
-
-
-def imported_modules(tree: ast.AST) -> list[str]:
-    """Every module an import statement anywhere in the tree names, with `from a import b` as
-    both a and a.b (b may be a submodule)."""
-    names = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-    return names
-
-
-def imports(file: str) -> set[str]:
-    """The project files that `file` imports directly (and the packages they are in)."""
-    tree = ast.parse((ROOT / file).read_text(), filename=file)
-    found = set(READS.get(file, []))
-    for name in imported_modules(tree):
-        parts = name.split(".")
-        found.update(f for i in range(1, len(parts) + 1) if (f := module_file(".".join(parts[:i]))))
-    found.discard(file)
-    return found
-
-
-def closure(file: str) -> set[str]:
-    seen, todo = set(), [file]
-    while todo:
-        current = todo.pop()
-        if current not in seen:
-            seen.add(current)
-            todo += imports(current)
-    return seen
 
 
 def dvc_stages() -> dict:

@@ -193,6 +193,35 @@ def test_dvc_repro_after_a_sigkill_resumes_the_same_mlflow_run(tmp_path):
     assert sorted(steps) == list(range(4, 121, 4))
 
 
+def test_dvc_repro_after_a_training_code_edit_trains_again_and_after_a_reporting_edit_does_not(
+        tmp_path):
+    """Params unchanged: an edit to the code that trains (pipeline/ema.py) re-runs the stage and
+    it trains from step 0 in a new MLflow run; an edit to code that only reports
+    (pipeline/plots.py) re-runs it too, and it takes its finished run up again."""
+    project, env = git_project(tmp_path / "repo")
+
+    def repro_after_editing(file: str) -> str:
+        with open(project / file, "a") as source:
+            source.write("# edited\n")
+        done = subprocess.run(["dvc", "repro", "train"], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Running stage 'train'" in done.stdout
+        return done.stdout
+
+    first = repro_after_editing("pipeline/ema.py")  # the first training
+    assert "resuming at step" not in first
+    retrained = repro_after_editing("pipeline/ema.py")
+    assert "a finished run of other code; training again from step 0" in retrained
+    assert "resuming at step" not in retrained
+    client, runs = training_runs(project)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:  # each trained every step
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(4, 121, 4))
+    assert "resuming at step 120" in repro_after_editing("pipeline/plots.py")
+    assert len(training_runs(project)[1]) == 2
+
 EXPERIMENT = ["-S", "train.steps=60", "-S", "train.seed=3"]  # an experiment on the baseline
 
 

@@ -328,3 +328,39 @@ def test_a_finished_run_removes_the_folders_of_other_finished_runs_only(tmp_path
     run("d").complete()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b" * 16, "c" * 16, "d" * 16]
     assert interrupted.newest() == tmp_path / ("b" * 16) / f"step-00000002-{'b' * 16}.pt"
+
+
+def test_a_finished_run_is_handed_back_under_its_own_code_only(tmp_path, capsys):
+    from pipeline.checkpoint import COMPLETE, Checkpoints
+
+    def finished(code, identity="a"):
+        checkpoints = Checkpoints(tmp_path, identity * 64, code)
+        checkpoints.save({"state": {"step": 2}}, 2)
+        checkpoints.set_run_id(f"run-{identity}")
+        checkpoints.complete()
+        return checkpoints
+
+    finished("code 1").drop_if_made_by_other_code()  # the same code: kept
+    again = Checkpoints(tmp_path, "a" * 64, "code 1")
+    assert again.run_id() == "run-a" and again.load()["state"]["step"] == 2
+    finished("code 1")
+    other = Checkpoints(tmp_path, "a" * 64, "code 2")
+    other.drop_if_made_by_other_code()
+    assert not other.folder.exists() and other.run_id() is None and other.load() is None
+    assert "a finished run of other code" in capsys.readouterr().out
+    old = finished("code 1", "b")  # a mark written before marks named their code
+    (old.folder / COMPLETE).write_text('{"identity": "%s"}' % ("b" * 64))
+    Checkpoints(tmp_path, "b" * 64, "code 1").drop_if_made_by_other_code()
+    assert not old.folder.exists()
+
+
+def test_an_interrupted_run_resumes_under_other_code_and_says_so(tmp_path, capsys):
+    from pipeline.checkpoint import Checkpoints
+
+    Checkpoints(tmp_path, "a" * 64, "code 1").save({"state": {"step": 2}}, 2)
+    resumed = Checkpoints(tmp_path, "a" * 64, "code 2")
+    resumed.drop_if_made_by_other_code()  # not finished: nothing is dropped
+    assert resumed.load()["state"]["step"] == 2
+    assert "began under other code" in capsys.readouterr().out
+    assert Checkpoints(tmp_path, "a" * 64, "code 1").load()["state"]["step"] == 2
+    assert "other code" not in capsys.readouterr().out
