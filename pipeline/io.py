@@ -103,8 +103,11 @@ def fsync(path: str | Path) -> None:
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """Written through a file object: torch names the archive's records after the file it is
+    given by name, here a random temporary one, so equal objects gave files of other bytes (and
+    DVC saw a changed output where nothing had changed)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        torch.save(obj, file)
 
 
 def load_torch(path: str | Path) -> Any:

@@ -159,6 +159,14 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.pt"]  # no temporary file left behind
 
 
+def test_equal_objects_saved_atomically_give_equal_bytes(tmp_path):
+    obj = {"weights": torch.arange(6.0).reshape(2, 3), "step": 3}
+    save_torch(obj, tmp_path / "a.pt")
+    save_torch(obj, tmp_path / "b.pt")  # another temporary name on the way
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "b.pt")["weights"], obj["weights"])
+
+
 def ema_weights(folder):
     return read_model_file(folder / EMA_FILE).weights
 
