@@ -92,7 +92,7 @@ if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
 
 def fid_kid(samples: torch.Tensor, reference: torch.Tensor, *, extractor: str,
             weights: str | None, kid_subset_size: int, batch_size: int, seed: int,
-            reference_cache: str | None = None, desc: str = "FD/KID") -> dict[str, float]:
+            desc: str = "FD/KID") -> dict[str, float]:
     """Frechet distance and KID (mean, std over subsets) between two uint8 image sets; the
     progress bar `desc` counts the images read."""
     rgb = extractor != CLASSIFIER_EXTRACTOR
@@ -104,7 +104,7 @@ def fid_kid(samples: torch.Tensor, reference: torch.Tensor, *, extractor: str,
         feature_extractor=extractor, feature_extractor_weights_path=weights,
         kid_subset_size=min(kid_subset_size, len(samples), len(reference)),
         batch_size=batch_size, cuda=default_device().type == "cuda", rng_seed=seed,
-        cache=reference_cache is not None, input2_cache_name=reference_cache,
+        cache=False,  # torch-fidelity's feature cache is keyed by a name, not the images
         save_cpu_ram=True, verbose=False)  # save_cpu_ram: no DataLoader worker processes
     progress.close()
     return {"fd": result["frechet_inception_distance"],
