@@ -74,11 +74,13 @@ def fingerprint(params: Params, data: ImageSet) -> str:
     return digest.hexdigest()
 
 
-def training_code() -> str:
-    """Digest of the code that trains a run: this module and the project modules it imports
-    (pipeline/code_digest.py), but not pipeline/metrics.py, which only scores the reconstruction
-    floor, on every run: a metrics change re-scores a finished run and does not retrain it."""
-    return digest(closure("pipeline/autoencoder_training.py", skip=["pipeline/metrics.py"]))
+def training_code(*stage: str) -> str:
+    """Digest of the code that trains a run: this module, the project modules it imports
+    (pipeline/code_digest.py) and the `stage` file that calls it, but not pipeline/metrics.py,
+    which only scores the reconstruction floor, on every run: a metrics change re-scores a
+    finished run and does not retrain it."""
+    skip = ["pipeline/metrics.py"]
+    return digest(closure("pipeline/autoencoder_training.py", skip) | set(stage))
 
 
 def train_autoencoder(params: Params, data: ImageSet, reference: ImageSet, out_dir: Path,

@@ -3,8 +3,9 @@
 A run's checkpoint identity (pipeline/training.py `fingerprint`) is of its params and data, so that
 an interrupted run resumes after any edit. A finished run is different: taking it up again hands
 back its model, which is right only if the code that made it has not changed since. So the
-checkpoints record a `digest` of that code, the `closure` of the training module's imports, and a
-finished run is taken up again only under the same digest (pipeline/checkpoint.py).
+checkpoints record a `digest` of that code, the `closure` of the training module's imports and the
+stage's script, and a finished run is taken up again only under the same digest
+(pipeline/checkpoint.py).
 
 Imports are read from the source (ast), all of them: module-level, function-level and under
 TYPE_CHECKING. tests/test_architecture.py checks dvc.yaml's deps with the same closure.

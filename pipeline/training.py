@@ -120,10 +120,11 @@ def fingerprint(params: Params, data: ImageSet, processes: int = 1,
     return digest.hexdigest()
 
 
-def training_code() -> str:
-    """Digest of the code that trains a run: this module and every project module it imports
-    (pipeline/code_digest.py). A finished run is taken up again only under the same digest."""
-    return digest(closure("pipeline/training.py"))
+def training_code(*stage: str) -> str:
+    """Digest of the code that trains a run: this module, every project module it imports
+    (pipeline/code_digest.py) and the `stage` file that calls it, as "stages/train.py". A
+    finished run is taken up again only under the same digest."""
+    return digest(closure("pipeline/training.py") | set(stage))
 
 
 def sample_grid(model: UNet, scheduler: NoiseScheduler | EDM, p: TrainParams, classes: int,

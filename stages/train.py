@@ -56,7 +56,7 @@ def train_and_record(params: Params, world: distributed.World) -> None:
     check_data_size(params, len(data))
     check_classes(params, data.classes)
     checkpoints = Checkpoints(CHECKPOINTS, fingerprint(params, data, world.size, autoencoder),
-                              training_code())
+                              training_code("stages/train.py"))
     if world.is_main:
         checkpoints.drop_if_made_by_other_code()
     world.wait_for_main()  # no rank loads a checkpoint that rank 0 is about to drop

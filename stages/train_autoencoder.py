@@ -52,7 +52,8 @@ def train_and_record(params: Params) -> None:
     data, reference = ImageSet.load(TRAIN_SET), ImageSet.load(REFERENCE_SET)
     check_data_size(params, len(data), "autoencoder")
     load_classifier(CLASSIFIER)  # a missing or broken classifier fails here, before the training
-    checkpoints = Checkpoints(AUTOENCODER_CHECKPOINTS, fingerprint(params, data), training_code())
+    checkpoints = Checkpoints(AUTOENCODER_CHECKPOINTS, fingerprint(params, data),
+                              training_code("stages/train_autoencoder.py"))
     checkpoints.drop_if_made_by_other_code()
     tracker = connect(params.tracking)  # an unreachable store fails here, before any work
     mlflow_run = tracker.autoencoder_run(params, checkpoints.run_id())
